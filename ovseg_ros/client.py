@@ -1,0 +1,117 @@
+"""A small Python client for a running ovseg node (used by the demo, the tests and scripts).
+
+It owns an rclpy node spun in a background thread: call services synchronously, publish images, and wait for
+outputs that satisfy a condition.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from sensor_msgs.msg import Image
+
+from ovseg_interfaces.msg import LabelInfo, Segmentation
+from ovseg_interfaces.srv import GetVocabulary, SetVocabulary
+
+OUTPUT_TOPICS = {"labels": Image, "segmentation": Segmentation, "overlay": Image}
+
+
+class OvsegClient:
+    def __init__(self, target_namespace: str = "", name: str = "ovseg_client", keep: int = 200,
+                 extra_topics: dict[str, type] | None = None) -> None:
+        if not rclpy.ok():
+            rclpy.init()
+        self.node = rclpy.create_node(name)
+        prefix = target_namespace.rstrip("/") + "/" if target_namespace else ""
+        self.prefix = prefix
+        self._cond = threading.Condition()
+        self.received: dict[str, collections.deque] = {}
+        self.image_pub = self.node.create_publisher(Image, prefix + "image", qos_profile_sensor_data)
+        for topic, msg_type in {**OUTPUT_TOPICS, **(extra_topics or {})}.items():
+            self._subscribe(prefix + topic, topic, msg_type, QoSProfile(depth=10), keep)
+        latched = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, durability=DurabilityPolicy.TRANSIENT_LOCAL,
+                             reliability=ReliabilityPolicy.RELIABLE)
+        self._subscribe(prefix + "label_info", "label_info", LabelInfo, latched, keep)
+        self.set_client = self.node.create_client(SetVocabulary, prefix + "set_vocabulary")
+        self.get_client = self.node.create_client(GetVocabulary, prefix + "get_vocabulary")
+        self._executor = SingleThreadedExecutor()
+        self._executor.add_node(self.node)
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        try:
+            self._executor.spin()
+        except Exception:  # context shut down underneath us at exit
+            pass
+
+    def _subscribe(self, full_topic: str, key: str, msg_type, qos, keep: int) -> None:
+        self.received[key] = collections.deque(maxlen=keep)
+
+        def callback(msg, key=key) -> None:
+            with self._cond:
+                self.received[key].append(msg)
+                self._cond.notify_all()
+
+        self.node.create_subscription(msg_type, full_topic, callback, qos)
+
+    def subscribe(self, topic: str, msg_type, qos=None, keep: int = 200) -> None:
+        """Record any further topic of the node (relative names get the target namespace)."""
+        self._subscribe(self.prefix + topic, topic, msg_type, qos or QoSProfile(depth=10), keep)
+
+    # ------------------------------------------------------------------ services
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        return self.set_client.wait_for_service(timeout_sec=timeout) and \
+            self.get_client.wait_for_service(timeout_sec=timeout)
+
+    def call(self, client, request, timeout: float = 30.0):
+        future = client.call_async(request)
+        deadline = time.monotonic() + timeout
+        while not future.done():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer from {client.srv_name} within {timeout} s")
+            time.sleep(0.01)
+        return future.result()
+
+    def set_vocabulary(self, labels: list[str], templates: list[str] | None = None,
+                       timeout: float = 60.0) -> SetVocabulary.Response:
+        request = SetVocabulary.Request()
+        request.labels = list(labels)
+        request.prompt_templates = list(templates or [])
+        return self.call(self.set_client, request, timeout)
+
+    def get_vocabulary(self, timeout: float = 30.0) -> GetVocabulary.Response:
+        return self.call(self.get_client, GetVocabulary.Request(), timeout)
+
+    # ------------------------------------------------------------------ topics
+    def publish_image(self, msg: Image) -> None:
+        self.image_pub.publish(msg)
+
+    def wait_for(self, topic: str, predicate: Callable[[object], bool] = lambda m: True,
+                 timeout: float = 30.0):
+        """The first recorded message on topic (oldest first) that satisfies predicate, else None."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for msg in self.received[topic]:
+                    if predicate(msg):
+                        return msg
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(timeout=min(remaining, 0.2))
+
+    def clear(self, topic: str | None = None) -> None:
+        with self._cond:
+            for key in [topic] if topic else list(self.received):
+                self.received[key].clear()
+
+    def close(self) -> None:
+        self._executor.shutdown(timeout_sec=1.0)
+        self.node.destroy_node()

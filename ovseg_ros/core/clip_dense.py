@@ -1,0 +1,196 @@
+"""Dense (per-patch) CLIP features from any open_clip ViT image tower, without training.
+
+CLIP's last block mixes every patch with the class token, so its patch outputs localise poorly. The training-free
+methods change only the last block at inference time:
+
+- ``plain``: the unchanged block (patch tokens through ln_post and the projection).
+- ``maskclip``: value path only (MaskCLIP): each patch keeps its own value, no attention mixing.
+- ``clearclip``: query-query attention, no residual and no feed-forward (ClearCLIP).
+- ``sclip``: correlative self-attention, softmax(qq^T) + softmax(kk^T) (SCLIP).
+- ``naclip``: key-key attention plus a Gaussian neighbourhood prior, no feed-forward (NACLIP).
+
+The class token always goes through the unchanged block, so the image-level embedding equals CLIP's own.
+Official weights and the project's demo weights go through exactly this code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DENSE_VARIANTS = ("plain", "maskclip", "clearclip", "sclip", "naclip")
+
+
+@dataclass(frozen=True)
+class _LastBlockRecipe:
+    attention: str  # "standard", "value", "qq", "qq+kk", "kk+gauss"
+    residual: bool
+    feed_forward: bool
+
+
+_RECIPES = {
+    "plain": _LastBlockRecipe("standard", residual=True, feed_forward=True),
+    "maskclip": _LastBlockRecipe("value", residual=False, feed_forward=False),
+    "clearclip": _LastBlockRecipe("qq", residual=False, feed_forward=False),
+    "sclip": _LastBlockRecipe("qq+kk", residual=False, feed_forward=False),
+    "naclip": _LastBlockRecipe("kk+gauss", residual=False, feed_forward=False),
+}
+
+
+def interpolate_positional_embedding(pos: torch.Tensor, native_grid: tuple[int, int],
+                                     grid: tuple[int, int]) -> torch.Tensor:
+    """Resize a (1 + h*w, C) learnable position table to another patch grid (bicubic on the patch part)."""
+    if tuple(grid) == tuple(native_grid):
+        return pos
+    cls_pos, patch_pos = pos[:1], pos[1:]
+    channels = patch_pos.shape[-1]
+    patch_pos = patch_pos.reshape(1, native_grid[0], native_grid[1], channels).permute(0, 3, 1, 2)
+    patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
+    patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], channels)
+    return torch.cat([cls_pos, patch_pos], dim=0)
+
+
+def _gaussian_neighbourhood(grid: tuple[int, int], sigma: float, device: torch.device) -> torch.Tensor:
+    """(N, N) log-domain prior that favours nearby patches (NACLIP's neighbourhood attention)."""
+    ys, xs = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device),
+                            indexing="ij")
+    coords = torch.stack([ys.flatten(), xs.flatten()], dim=1).float()
+    dist2 = torch.cdist(coords, coords).pow(2)
+    return -dist2 / (2.0 * sigma * sigma)
+
+
+class ClipDenseEncoder:
+    """Wraps an open_clip CLIP model: text embeddings and dense image embeddings in the joint space."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, model_id: str, device: str = "cpu") -> None:
+        visual = model.visual
+        if not hasattr(visual, "conv1") or not hasattr(visual, "transformer"):
+            raise ValueError(f"{model_id}: dense features need an open_clip ViT image tower, "
+                             f"got {type(visual).__name__}")
+        if getattr(visual, "attn_pool", None) is not None:
+            raise ValueError(f"{model_id}: attentional-pool towers (CoCa) are not supported for dense features")
+        self.model = model.eval().to(device)
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.device = torch.device(device)
+        self.visual = visual
+        self.native_size: tuple[int, int] = tuple(visual.image_size)  # type: ignore[assignment]
+        self.patch_size: tuple[int, int] = tuple(visual.patch_size)  # type: ignore[assignment]
+        self.native_grid: tuple[int, int] = tuple(visual.grid_size)  # type: ignore[assignment]
+        cfg = getattr(visual, "preprocess_cfg", None) or {}
+        mean = cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))
+        std = cfg.get("std", (0.26862954, 0.26130258, 0.27577711))
+        self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+        self.logit_scale = float(model.logit_scale.exp().clamp(max=100).item())
+        self.embed_dim = int(visual.proj.shape[1]) if visual.proj is not None else int(visual.transformer.width)
+
+    # ---------------------------------------------------------------- text
+    @torch.inference_mode()
+    def encode_text(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised text embeddings, (len(prompts), D), float32 on the CPU."""
+        out = []
+        for start in range(0, len(prompts), batch_size):
+            tokens = self.tokenizer(prompts[start:start + batch_size]).to(self.device)
+            feats = self.model.encode_text(tokens).float()
+            out.append(F.normalize(feats, dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+
+    # ---------------------------------------------------------------- image
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) float in [0, 1] -> CLIP-normalised."""
+        return (images - self.mean) / self.std
+
+    def dense_features(self, images: torch.Tensor, variant: str = "plain",
+                       naclip_sigma: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised images (B, 3, H, W) -> (global (B, D), dense (B, h, w, D)), both L2-normalised.
+
+        H and W must be multiples of the patch size; the position table is interpolated to the grid.
+        Differentiable (training uses it too); wrap calls in inference_mode for serving.
+        """
+        if variant not in _RECIPES:
+            raise ValueError(f"unknown dense variant {variant!r}; choose one of {', '.join(DENSE_VARIANTS)}")
+        visual = self.visual
+        batch, _, height, width = images.shape
+        grid = (height // self.patch_size[0], width // self.patch_size[1])
+        x = visual.conv1(images)
+        x = x.reshape(batch, x.shape[1], -1).permute(0, 2, 1)
+        cls = visual.class_embedding.to(x.dtype).expand(batch, 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        pos = interpolate_positional_embedding(visual.positional_embedding, self.native_grid, grid)
+        x = visual.ln_pre(x + pos.to(x.dtype))
+        blocks = visual.transformer.resblocks
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        for block in blocks[:-1]:
+            x = block(x)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        last = blocks[-1]
+        standard = last(x) if batch_first else _standard_block(last, x)
+        cls_out = standard[:, :1]
+        recipe = _RECIPES[variant]
+        if recipe.attention == "standard":
+            patches = standard[:, 1:]
+        else:
+            patches = _modified_last_block(last, x, recipe, grid, naclip_sigma)[:, 1:]
+        global_emb = self._project(cls_out[:, 0])
+        dense = self._project(patches).reshape(batch, grid[0], grid[1], -1)
+        return global_emb, dense
+
+    def _project(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = self.visual.ln_post(tokens)
+        if self.visual.proj is not None:
+            tokens = tokens @ self.visual.proj
+        return F.normalize(tokens, dim=-1)
+
+
+def _standard_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a sequence-first block on batch-first input."""
+    return block(x.transpose(0, 1)).transpose(0, 1)
+
+
+def _modified_last_block(block: torch.nn.Module, x: torch.Tensor, recipe: _LastBlockRecipe,
+                         grid: tuple[int, int], sigma: float) -> torch.Tensor:
+    """The last residual block with its attention replaced; x is batch-first (B, N, C)."""
+    attn: torch.nn.MultiheadAttention = block.attn
+    heads = attn.num_heads
+    batch, tokens, channels = x.shape
+    head_dim = channels // heads
+    y = block.ln_1(x)
+    q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, tokens, heads, head_dim).transpose(1, 2)
+
+    q, k, v = split(q), split(k), split(v)
+    scale = 1.0 / math.sqrt(head_dim)
+    if recipe.attention == "value":
+        out = v
+    elif recipe.attention == "qq":
+        out = torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1) @ v
+    elif recipe.attention == "qq+kk":
+        weights = torch.softmax(q @ q.transpose(-2, -1) * scale, dim=-1)
+        weights = weights + torch.softmax(k @ k.transpose(-2, -1) * scale, dim=-1)
+        out = weights @ v
+    elif recipe.attention == "kk+gauss":
+        logits = k @ k.transpose(-2, -1) * scale
+        prior = torch.zeros(tokens, tokens, device=x.device, dtype=logits.dtype)
+        prior[1:, 1:] = _gaussian_neighbourhood(grid, sigma, x.device).to(logits.dtype)
+        out = torch.softmax(logits + prior, dim=-1) @ v
+    else:  # pragma: no cover - guarded by DENSE_VARIANTS
+        raise ValueError(recipe.attention)
+    out = out.transpose(1, 2).reshape(batch, tokens, channels)
+    out = F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+    if hasattr(block, "ls_1"):
+        out = block.ls_1(out)
+    if recipe.residual:
+        out = x + out
+    if recipe.feed_forward:
+        mlp_out = block.mlp(block.ln_2(out))
+        out = out + (block.ls_2(mlp_out) if hasattr(block, "ls_2") else mlp_out)
+    return out

@@ -1,0 +1,52 @@
+"""Colour overlays of label maps for rviz and the CLI: a fixed palette, so a class keeps its colour."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .vocabulary import UNLABELLED
+
+
+def palette(count: int) -> np.ndarray:
+    """(count, 3) uint8 RGB colours, well spread in hue, the same for the same index every time."""
+    index = np.arange(count)
+    hue = (index * 0.618033988749895) % 1.0  # golden-ratio steps keep neighbours apart
+    sat = 0.65 + 0.35 * ((index // 7) % 2)
+    val = 0.95 - 0.25 * ((index // 3) % 2)
+    hsv = np.stack([hue * 179, sat * 255, val * 255], axis=1).astype(np.uint8).reshape(-1, 1, 3)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB).reshape(-1, 3)
+
+
+def colourise(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) RGB; UNLABELLED pixels are black."""
+    lut = np.zeros((65536, 3), dtype=np.uint8)
+    lut[:num_classes] = palette(num_classes)
+    lut[UNLABELLED] = 0
+    return lut[labels]
+
+
+def blend(image_rgb: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.5,
+          names: list[str] | None = None, class_ids: list[int] | None = None) -> np.ndarray:
+    """Colour blend of the labels over the image, region outlines, and a legend of the classes present."""
+    colours = colourise(labels, num_classes)
+    out = cv2.addWeighted(image_rgb, 1.0 - alpha, colours, alpha, 0.0)
+    unlabelled = labels == UNLABELLED
+    out[unlabelled] = image_rgb[unlabelled]
+    edges = cv2.morphologyEx(labels.astype(np.uint16), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    out[edges] = (255, 255, 255)
+    if names and class_ids:
+        draw_legend(out, [names[i] for i in class_ids], palette(num_classes)[class_ids])
+    return out
+
+
+def draw_legend(image: np.ndarray, names: list[str], colours: np.ndarray, max_rows: int = 12) -> None:
+    scale = max(0.35, min(image.shape[:2]) / 900)
+    row_h = int(22 * scale / 0.5)
+    for row, (name, colour) in enumerate(zip(names[:max_rows], colours[:max_rows], strict=False)):
+        y = 6 + row * row_h
+        cv2.rectangle(image, (6, y), (6 + row_h - 4, y + row_h - 4), tuple(int(c) for c in colour), -1)
+        cv2.putText(image, name, (10 + row_h, y + row_h - 8), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3,
+                    cv2.LINE_AA)
+        cv2.putText(image, name, (10 + row_h, y + row_h - 8), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
+                    cv2.LINE_AA)

@@ -1,0 +1,222 @@
+"""Model registry: `models/manifest.yaml` entries or local paths -> verified, built models.
+
+Nothing here touches the network except `ovseg-models fetch`, which a user runs on purpose on a machine with
+internet. Loading verifies the sha256 named in the manifest and refuses a mismatch with a clear message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+LOG = logging.getLogger("ovseg_ros.registry")
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PACKAGE_DIR / "model_configs"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let a library reach a model hub at run time
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be used: missing, unreadable, wrong checksum, wrong architecture."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    kind: str  # "clip" or "sam"
+    arch: str  # open_clip architecture, or SAM registry key (vit_b, vit_l, vit_h, vit_t, demo)
+    file: str  # file name, looked up in the model directories
+    url: str = ""
+    sha256: str = ""
+    license: str = ""
+    description: str = ""
+
+
+def models_dirs() -> list[Path]:
+    """Where model files are looked up, first match wins."""
+    dirs = []
+    if os.environ.get("OVSEG_MODELS_DIR"):
+        dirs.append(Path(os.environ["OVSEG_MODELS_DIR"]).expanduser())
+    dirs.append(PACKAGE_DIR.parent / "models")  # a source checkout / editable install
+    try:  # an installed ROS package: share/ovseg_ros/models
+        from ament_index_python.packages import get_package_share_directory
+
+        dirs.append(Path(get_package_share_directory("ovseg_ros")) / "models")
+    except Exception:
+        pass
+    dirs.append(Path.home() / ".cache" / "ovseg_ros" / "models")
+    return dirs
+
+
+def manifest_path() -> Path:
+    for folder in models_dirs():
+        if (folder / "manifest.yaml").is_file():
+            return folder / "manifest.yaml"
+    raise ModelError("models/manifest.yaml not found in " + ", ".join(str(d) for d in models_dirs()))
+
+
+def load_manifest(path: Path | None = None) -> dict[str, ModelEntry]:
+    path = path or manifest_path()
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelError(f"cannot read model manifest {path}: {exc}") from exc
+    entries = {}
+    for name, fields in (data or {}).get("models", {}).items():
+        entries[name] = ModelEntry(name=name, **fields)
+    return entries
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def locate(entry: ModelEntry) -> Path:
+    for folder in models_dirs():
+        candidate = folder / entry.file
+        if candidate.is_file():
+            return candidate
+    raise ModelError(
+        f"model '{entry.name}' ({entry.file}) is not installed; looked in "
+        + ", ".join(str(d) for d in models_dirs())
+        + (f". On a machine with internet: ovseg-models fetch {entry.name}" if entry.url else "")
+    )
+
+
+def verify(path: Path, expected_sha256: str, name: str) -> None:
+    if not path.is_file():
+        raise ModelError(f"model file {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise ModelError(f"model file {path} is not readable")
+    if expected_sha256:
+        actual = sha256_of(path)
+        if actual != expected_sha256.lower():
+            raise ModelError(
+                f"checksum mismatch for '{name}' at {path}: manifest says {expected_sha256}, file has {actual}. "
+                "The file is corrupt or not the one the manifest names; fetch it again."
+            )
+
+
+def resolve(name_or_path: str, kind: str) -> tuple[str, Path | None, ModelEntry | None]:
+    """Name in the manifest, or 'ARCH' (random init) or 'ARCH:/path/to/file', -> (arch, file, entry)."""
+    if not name_or_path:
+        raise ModelError(f"no {kind} model given")
+    manifest = {}
+    try:
+        manifest = load_manifest()
+    except ModelError:
+        LOG.warning("no model manifest found; only architecture names and explicit paths work")
+    if name_or_path in manifest:
+        entry = manifest[name_or_path]
+        if entry.kind != kind:
+            raise ModelError(f"'{name_or_path}' is a {entry.kind} model, not a {kind} model")
+        path = locate(entry)
+        verify(path, entry.sha256, entry.name)
+        return entry.arch, path, entry
+    arch, _, file = name_or_path.partition(":")
+    if file:
+        path = Path(file).expanduser()
+        verify(path, "", name_or_path)
+        return arch, path, None
+    return arch, None, None
+
+
+def register_open_clip_configs() -> None:
+    """Make the project's architecture JSONs (e.g. ovseg-demo-vit) known to open_clip's factory."""
+    import open_clip
+
+    if "ovseg-demo-vit" not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def load_clip(name_or_path: str, device: str = "cpu", seed: int = 0):
+    """Build a ClipDenseEncoder from a manifest name, 'ARCH', or 'ARCH:/path/to/weights'."""
+    import open_clip
+    import torch
+
+    from .clip_dense import ClipDenseEncoder
+
+    register_open_clip_configs()
+    arch, path, _ = resolve(name_or_path, "clip")
+    if arch not in open_clip.list_models():
+        raise ModelError(f"unknown open_clip architecture '{arch}'")
+    if path is None:
+        LOG.warning("CLIP '%s' has no weights: seeded random init (seed %d); outputs are meaningless", arch, seed)
+        torch.manual_seed(seed)
+    try:
+        model = open_clip.create_model(arch, pretrained=str(path) if path else None, device="cpu")
+    except Exception as exc:  # a wrong or truncated checkpoint surfaces here
+        raise ModelError(f"cannot load CLIP '{name_or_path}' ({arch}) from {path}: {exc}") from exc
+    tokenizer = open_clip.get_tokenizer(arch)
+    model_id = f"{arch}@{sha256_of(path)[:12]}" if path else f"{arch}@random{seed}"
+    return ClipDenseEncoder(model, tokenizer, model_id, device=device)
+
+
+def fetch(name: str, force: bool = False) -> Path:
+    """Download a manifest entry into the first writable model directory and verify it (needs internet)."""
+    entry = load_manifest().get(name)
+    if entry is None:
+        raise ModelError(f"'{name}' is not in the manifest")
+    if not entry.url:
+        raise ModelError(f"'{name}' has no download URL (it ships with the package)")
+    target_dir = Path(os.environ.get("OVSEG_MODELS_DIR", Path.home() / ".cache" / "ovseg_ros" / "models"))
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / entry.file
+    if target.is_file() and not force:
+        verify(target, entry.sha256, name)
+        return target
+    partial = target.with_suffix(target.suffix + ".part")
+    LOG.info("downloading %s from %s", name, entry.url)
+    urllib.request.urlretrieve(entry.url, partial)  # noqa: S310 - the user asked for this download
+    verify(partial, entry.sha256, name)
+    partial.replace(target)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ovseg-models", description="List, verify and fetch ovseg_ros models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="manifest entries and whether each is installed")
+    verify_cmd = sub.add_parser("verify", help="check the sha256 of installed models")
+    verify_cmd.add_argument("names", nargs="*")
+    fetch_cmd = sub.add_parser("fetch", help="download and verify (needs internet)")
+    fetch_cmd.add_argument("name")
+    fetch_cmd.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        manifest = load_manifest()
+        if args.command == "list":
+            for entry in manifest.values():
+                try:
+                    where = str(locate(entry))
+                except ModelError:
+                    where = "not installed"
+                print(f"{entry.name:28s} {entry.kind:5s} {entry.arch:22s} {entry.license:22s} {where}")
+        elif args.command == "verify":
+            failed = 0
+            for name in args.names or list(manifest):
+                entry = manifest[name]
+                try:
+                    verify(locate(entry), entry.sha256, name)
+                    print(f"ok       {name}")
+                except ModelError as exc:
+                    failed += 1
+                    print(f"FAILED   {name}: {exc}")
+            return 1 if failed else 0
+        else:
+            print(fetch(args.name, args.force))
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,126 @@
+"""The vocabulary (class names + prompt templates) and its validation.
+
+A vocabulary is immutable: a change makes a new object with a higher version, so an output made with one version
+can never be mixed with another (the node swaps one reference atomically).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "there is a {} in the scene.",
+    "a cropped photo of a {}.",
+)
+UNLABELLED = 65535
+SYNONYM_SEPARATOR = ";"
+
+
+class VocabularyError(ValueError):
+    """A vocabulary request that cannot be accepted; the message says why."""
+
+
+@dataclass(frozen=True)
+class VocabularyLimits:
+    """Bounds that keep one request from exhausting memory or time."""
+
+    max_classes: int = 1000
+    max_name_length: int = 128
+    max_templates: int = 32
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Class names (each may hold ';'-separated synonyms) and the prompt templates that embed them."""
+
+    labels: tuple[str, ...]
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES
+    version: int = 1
+    synonyms: tuple[tuple[str, ...], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "synonyms", tuple(split_synonyms(label) for label in self.labels))
+
+    @property
+    def display_names(self) -> list[str]:
+        """The first synonym of each class: what outputs call it."""
+        return [names[0] for names in self.synonyms]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def split_synonyms(label: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in label.split(SYNONYM_SEPARATOR) if part.strip())
+
+
+def validate_labels(labels: object, limits: VocabularyLimits = VocabularyLimits()) -> tuple[str, ...]:
+    """Return clean labels or raise VocabularyError saying exactly what is wrong."""
+    if isinstance(labels, str) or not isinstance(labels, (list, tuple)):
+        raise VocabularyError(f"labels must be a list of strings, got {type(labels).__name__}")
+    if len(labels) == 0:
+        raise VocabularyError("the vocabulary is empty: give at least one class name")
+    if len(labels) > 1 and all(isinstance(lbl, str) and len(lbl) == 1 for lbl in labels):
+        # What arrives when a client sends a string where a list belongs (`{labels: 'cat,dog'}` in YAML):
+        # the string is taken as a sequence and split into characters.
+        raise VocabularyError(
+            "labels must be a list of class names, not one string split into characters "
+            f"({''.join(labels)[:40]!r}); send e.g. labels: ['cat', 'dog']"
+        )
+    if len(labels) > limits.max_classes:
+        raise VocabularyError(f"{len(labels)} classes exceed the limit of {limits.max_classes} (max_classes)")
+    clean: list[str] = []
+    seen: dict[str, int] = {}
+    for index, label in enumerate(labels):
+        if not isinstance(label, str):
+            raise VocabularyError(f"label {index} is {type(label).__name__}, not a string")
+        label = label.strip()
+        names = split_synonyms(label)
+        if not names:
+            raise VocabularyError(f"label {index} is empty")
+        if len(label) > limits.max_name_length:
+            raise VocabularyError(
+                f"label {index} is {len(label)} characters long; the limit is {limits.max_name_length}"
+                " (max_name_length)"
+            )
+        if any(ord(ch) < 32 for ch in label):
+            raise VocabularyError(f"label {index} contains control characters")
+        key = names[0].lower()
+        if key in seen:
+            raise VocabularyError(f"label {index} '{names[0]}' repeats label {seen[key]}")
+        seen[key] = index
+        clean.append(SYNONYM_SEPARATOR.join(names))
+    return tuple(clean)
+
+
+def validate_templates(templates: object, limits: VocabularyLimits = VocabularyLimits()) -> tuple[str, ...]:
+    if isinstance(templates, str) or not isinstance(templates, (list, tuple)):
+        raise VocabularyError(f"prompt_templates must be a list of strings, got {type(templates).__name__}")
+    if len(templates) > limits.max_templates:
+        raise VocabularyError(f"{len(templates)} templates exceed the limit of {limits.max_templates}")
+    clean = []
+    for index, template in enumerate(templates):
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise VocabularyError(f"prompt template {index} must be a string with exactly one '{{}}': {template!r}")
+        if len(template) > 4 * limits.max_name_length:
+            raise VocabularyError(f"prompt template {index} is too long")
+        clean.append(template)
+    return tuple(clean)
+
+
+def make_vocabulary(
+    labels: object,
+    templates: object | None = None,
+    previous: Vocabulary | None = None,
+    limits: VocabularyLimits = VocabularyLimits(),
+) -> Vocabulary:
+    """Validate a request and build the next vocabulary; empty/None templates keep the previous ones."""
+    clean_labels = validate_labels(labels, limits)
+    if templates is None or (isinstance(templates, (list, tuple)) and len(templates) == 0):
+        clean_templates = previous.templates if previous is not None else DEFAULT_TEMPLATES
+    else:
+        clean_templates = validate_templates(templates, limits)
+    version = previous.version + 1 if previous is not None else 1
+    return Vocabulary(labels=clean_labels, templates=clean_templates, version=version)

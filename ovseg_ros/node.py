@@ -1,0 +1,303 @@
+"""ovseg_node: the ROS 2 adapter around the ROS-free core.
+
+Callbacks only store the newest frame; one worker thread runs the model on it and publishes. A frame that is
+replaced before the worker reaches it is counted as dropped. The vocabulary is one immutable object swapped
+atomically, so every output carries exactly one vocabulary version.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import rclpy  # noqa: E402
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult  # noqa: E402
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup  # noqa: E402
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor  # noqa: E402
+from rclpy.node import Node  # noqa: E402
+from rclpy.qos import (  # noqa: E402
+    DurabilityPolicy,
+    HistoryPolicy,
+    QoSProfile,
+    ReliabilityPolicy,
+    qos_profile_sensor_data,
+)
+from sensor_msgs.msg import Image  # noqa: E402
+
+from ovseg_interfaces.msg import LabelInfo, Segmentation  # noqa: E402
+from ovseg_interfaces.srv import GetVocabulary, SetVocabulary  # noqa: E402
+
+from .core.dense import DenseConfig, DenseSegmenter, PreparedVocabulary, SegmentationResult  # noqa: E402
+from .core.overlay import blend  # noqa: E402
+from .core.registry import ModelError, load_clip  # noqa: E402
+from .core.text_cache import TextEmbeddingCache  # noqa: E402
+from .core.vocabulary import (  # noqa: E402
+    DEFAULT_TEMPLATES,
+    VocabularyError,
+    VocabularyLimits,
+    make_vocabulary,
+)
+from .image_conversions import ImageError, image_to_rgb, mono16_to_image, rgb_to_image  # noqa: E402
+
+DEFAULT_VOCABULARY = ("grass", "water", "sky", "wall", "sand", "red circle", "blue square", "yellow triangle")
+
+
+@dataclass
+class _Frame:
+    msg: Image
+    received: float
+
+
+class OvsegNode(Node):
+    """Dense open-vocabulary segmentation of a camera stream, with a run-time vocabulary."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("ovseg", **kwargs)
+        self._declare_parameters()
+        self._stats_lock = threading.Lock()
+        self.frames_received = 0
+        self.frames_processed = 0
+        self.frames_dropped = 0
+        self.frames_rejected = 0
+
+        self.limits = VocabularyLimits(
+            max_classes=self.get_parameter("max_classes").value,
+            max_name_length=self.get_parameter("max_name_length").value,
+        )
+        self.segmenter = self._load_segmenter()
+        vocabulary = make_vocabulary(
+            list(self.get_parameter("vocabulary").value),
+            list(self.get_parameter("prompt_templates").value),
+            limits=self.limits,
+        )
+        self._prepared: PreparedVocabulary = self.segmenter.prepare(vocabulary)
+        self._vocab_lock = threading.Lock()  # serialises changes; readers just take the reference
+
+        self._setup_publishers()
+        self._setup_subscriptions_and_services()
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        self._slot: _Frame | None = None
+        self._slot_cond = threading.Condition()
+        self._running = True
+        self._worker = threading.Thread(target=self._work_loop, name="ovseg-worker", daemon=True)
+        self._worker.start()
+        self._publish_label_info()
+        self.get_logger().info(
+            f"ready: model {self.segmenter.encoder.model_id} on {self.segmenter.encoder.device}, "
+            f"{len(vocabulary)} classes (vocabulary v{vocabulary.version}), variant {self.segmenter.config.variant}"
+        )
+
+    # ------------------------------------------------------------------ set-up
+    def _declare_parameters(self) -> None:
+        def declare(name: str, value, description: str, read_only: bool = False) -> None:
+            self.declare_parameter(name, value, ParameterDescriptor(description=description, read_only=read_only))
+
+        declare("clip_model", "ovseg-demo-clip",
+                "CLIP model: a models/manifest.yaml name, an open_clip architecture (random init), or ARCH:/path",
+                read_only=True)
+        declare("device", "cpu", "torch device: cpu, cuda, cuda:N", read_only=True)
+        declare("dense_variant", "plain", "last-block variant: plain, maskclip, clearclip, sclip, naclip")
+        declare("input_size", 0, "short side fed to the image tower in pixels; 0 = the model's native size")
+        declare("score_threshold", 0.0, "pixels whose class probability is below this are unlabelled (65535)")
+        declare("vocabulary", list(DEFAULT_VOCABULARY), "initial class names (';' separates synonyms)")
+        declare("prompt_templates", list(DEFAULT_TEMPLATES), "prompt templates, each with one '{}'")
+        declare("max_classes", 1000, "largest vocabulary accepted", read_only=True)
+        declare("max_name_length", 128, "longest class name accepted", read_only=True)
+        declare("image_qos", "sensor_data", "QoS of the image subscription: sensor_data or default", read_only=True)
+        declare("qos_depth", 1, "queue depth of the image subscription", read_only=True)
+        declare("publish_overlay", True, "publish the rgb8 colour overlay for rviz")
+        declare("overlay_alpha", 0.5, "opacity of the class colours in the overlay")
+        declare("text_cache_dir", "", "directory for the on-disk text-embedding cache; empty = memory only",
+                read_only=True)
+
+    def _load_segmenter(self) -> DenseSegmenter:
+        name = self.get_parameter("clip_model").value
+        device = self.get_parameter("device").value
+        try:
+            encoder = load_clip(name, device=device)
+        except ModelError as exc:
+            self.get_logger().fatal(str(exc))
+            raise
+        if encoder.model_id.split("@")[1].startswith("random"):
+            self.get_logger().warn(f"CLIP '{name}' runs with seeded random weights: the labels mean nothing")
+        config = DenseConfig(
+            variant=self.get_parameter("dense_variant").value,
+            input_size=self.get_parameter("input_size").value,
+            score_threshold=self.get_parameter("score_threshold").value,
+        )
+        cache = TextEmbeddingCache(encoder.encode_text, encoder.model_id,
+                                   self.get_parameter("text_cache_dir").value or None)
+        return DenseSegmenter(encoder, cache, config)
+
+    def _setup_publishers(self) -> None:
+        self.pub_labels = self.create_publisher(Image, "labels", 2)
+        self.pub_segmentation = self.create_publisher(Segmentation, "segmentation", 2)
+        self.pub_overlay = self.create_publisher(Image, "overlay", 2)
+        latched = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
+        self.pub_label_info = self.create_publisher(LabelInfo, "label_info", latched)
+
+    def _setup_subscriptions_and_services(self) -> None:
+        qos_name = self.get_parameter("image_qos").value
+        depth = self.get_parameter("qos_depth").value
+        if qos_name == "sensor_data":
+            qos = QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST,
+                             reliability=qos_profile_sensor_data.reliability,
+                             durability=qos_profile_sensor_data.durability)
+        elif qos_name == "default":
+            qos = QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
+        else:
+            raise ValueError(f"image_qos must be 'sensor_data' or 'default', got {qos_name!r}")
+        self.create_subscription(Image, "image", self._on_image, qos)
+        services = MutuallyExclusiveCallbackGroup()  # text encoding never blocks the image callback
+        self.create_service(SetVocabulary, "set_vocabulary", self._on_set_vocabulary, callback_group=services)
+        self.create_service(GetVocabulary, "get_vocabulary", self._on_get_vocabulary, callback_group=services)
+
+    # ------------------------------------------------------------------ callbacks
+    def _on_image(self, msg: Image) -> None:
+        with self._slot_cond:
+            self.frames_received += 1
+            if self._slot is not None:
+                self.frames_dropped += 1
+            self._slot = _Frame(msg, time.monotonic())
+            self._slot_cond.notify()
+
+    def _on_set_vocabulary(self, request: SetVocabulary.Request, response: SetVocabulary.Response):
+        ok, message, version = self.set_vocabulary(list(request.labels), list(request.prompt_templates))
+        response.success, response.message, response.vocabulary_version = ok, message, version
+        return response
+
+    def _on_get_vocabulary(self, request: GetVocabulary.Request, response: GetVocabulary.Response):
+        vocabulary = self._prepared.vocabulary
+        response.labels = list(vocabulary.labels)
+        response.prompt_templates = list(vocabulary.templates)
+        response.vocabulary_version = vocabulary.version
+        return response
+
+    def set_vocabulary(self, labels, templates) -> tuple[bool, str, int]:
+        """Validate, embed, swap. Returns (success, message, current version); never raises."""
+        with self._vocab_lock:
+            current = self._prepared
+            try:
+                vocabulary = make_vocabulary(labels, templates, previous=current.vocabulary, limits=self.limits)
+                prepared = self.segmenter.prepare(vocabulary)
+            except VocabularyError as exc:
+                self.get_logger().warn(f"set_vocabulary refused: {exc}")
+                return False, str(exc), current.version
+            except Exception as exc:  # text encoding failure must not take the node down
+                self.get_logger().error(f"set_vocabulary failed while embedding: {exc!r}")
+                return False, f"embedding the vocabulary failed: {exc}", current.version
+            self._prepared = prepared
+        self._publish_label_info()
+        message = f"vocabulary v{vocabulary.version}: {len(vocabulary)} classes"
+        self.get_logger().info(message)
+        return True, message, vocabulary.version
+
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        for param in params:
+            if param.name == "score_threshold" and not 0.0 <= float(param.value) <= 1.0:
+                return SetParametersResult(successful=False, reason="score_threshold must be in [0, 1]")
+            if param.name == "overlay_alpha" and not 0.0 <= float(param.value) <= 1.0:
+                return SetParametersResult(successful=False, reason="overlay_alpha must be in [0, 1]")
+            if param.name == "dense_variant":
+                try:
+                    DenseConfig(variant=param.value)
+                except ValueError as exc:
+                    return SetParametersResult(successful=False, reason=str(exc))
+        for param in params:
+            if param.name in ("score_threshold", "dense_variant", "input_size"):
+                fields = dict(self.segmenter.config.__dict__)
+                fields[param.name if param.name != "dense_variant" else "variant"] = param.value
+                self.segmenter.config = DenseConfig(**fields)
+        return SetParametersResult(successful=True)
+
+    # ------------------------------------------------------------------ worker
+    def _work_loop(self) -> None:
+        while True:
+            with self._slot_cond:
+                while self._slot is None and self._running:
+                    self._slot_cond.wait(timeout=0.5)
+                if not self._running:
+                    return
+                frame, self._slot = self._slot, None
+            try:
+                self._process(frame)
+            except ImageError as exc:
+                self.frames_rejected += 1
+                self.get_logger().warn(f"frame refused: {exc}", throttle_duration_sec=2.0)
+            except Exception as exc:  # one bad frame must never stop the stream
+                self.frames_rejected += 1
+                self.get_logger().error(f"frame failed: {exc!r}", throttle_duration_sec=2.0)
+
+    def _process(self, frame: _Frame) -> None:
+        rgb = image_to_rgb(frame.msg)
+        prepared = self._prepared  # one reference for the whole frame: outputs never mix versions
+        result = self.segmenter.segment(rgb, prepared)
+        self._publish(frame.msg, rgb, result, prepared)
+        self.frames_processed += 1
+
+    def _publish(self, source: Image, rgb, result: SegmentationResult, prepared: PreparedVocabulary) -> None:
+        header = source.header
+        labels_msg = mono16_to_image(result.labels, header)
+        seg = Segmentation()
+        seg.header = header
+        seg.vocabulary_version = result.vocabulary_version
+        seg.labels = labels_msg
+        seg.class_ids = result.class_ids
+        seg.class_names = result.class_names
+        seg.class_scores = result.class_scores
+        seg.class_areas = result.class_areas
+        seg.inference_ms = float(result.inference_ms)
+        self.pub_labels.publish(labels_msg)
+        self.pub_segmentation.publish(seg)
+        if self.get_parameter("publish_overlay").value:
+            overlay = blend(rgb, result.labels, len(prepared.vocabulary),
+                            alpha=float(self.get_parameter("overlay_alpha").value),
+                            names=prepared.vocabulary.display_names, class_ids=result.class_ids)
+            self.pub_overlay.publish(rgb_to_image(overlay, header))
+
+    def _publish_label_info(self) -> None:
+        vocabulary = self._prepared.vocabulary
+        msg = LabelInfo()
+        msg.header.stamp = self.get_clock().now().to_msg()
+        msg.vocabulary_version = vocabulary.version
+        msg.class_ids = list(range(len(vocabulary)))
+        msg.class_names = vocabulary.display_names
+        msg.threshold = float(self.segmenter.config.score_threshold)
+        self.pub_label_info.publish(msg)
+
+    def stop(self) -> None:
+        with self._slot_cond:
+            self._running = False
+            self._slot_cond.notify_all()
+        self._worker.join(timeout=5.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    rclpy.init(args=argv if argv is not None else sys.argv)
+    node = None
+    try:
+        node = OvsegNode()
+        executor = MultiThreadedExecutor(num_threads=2)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except ModelError:
+        return 1
+    finally:
+        if node is not None:
+            node.stop()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Starting ovseg processes the way launch_ros does: the environment, the command line, a clean stop.
+
+Used by the demo, the tests and the benchmarks, so they all run the node exactly as a robot would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def share_file(relative: str) -> Path:
+    """A file of launch/ config/ models/: from the source checkout, else the installed share directory."""
+    candidate = PACKAGE_DIR.parent / relative
+    if candidate.exists():
+        return candidate
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        installed = Path(get_package_share_directory("ovseg_ros")) / relative
+        if installed.exists():
+            return installed
+    except Exception:
+        pass
+    raise FileNotFoundError(f"{relative} not found in the checkout or the installed share directory")
+
+
+def ros_environment(domain_id: int | None = None, log_dir: str | None = None,
+                    base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for an isolated local ROS graph: own domain, localhost discovery, large-image DDS profile."""
+    env = dict(os.environ if base is None else base)
+    if domain_id is not None:
+        env["ROS_DOMAIN_ID"] = str(domain_id)
+    env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    env.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")
+    env.setdefault("FASTDDS_DEFAULT_PROFILES_FILE", str(share_file("config/fastdds.xml")))
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if log_dir is not None:
+        env["ROS_LOG_DIR"] = log_dir
+    elif "HOME" not in env and "ROS_LOG_DIR" not in env:
+        env["ROS_LOG_DIR"] = "/tmp/ovseg_ros_logs"
+    return env
+
+
+def node_command(module: str, node_name: str | None = None, params: dict | None = None,
+                 remaps: dict[str, str] | None = None, params_file: str | None = None,
+                 namespace: str | None = None, log_level: str | None = None) -> list[str]:
+    """python -m MODULE --ros-args ...: the same arguments launch_ros passes to a Node action."""
+    cmd = [sys.executable, "-m", module, "--ros-args"]
+    if node_name:
+        cmd += ["-r", f"__node:={node_name}"]
+    if namespace:
+        cmd += ["-r", f"__ns:={namespace}"]
+    if params_file:
+        cmd += ["--params-file", params_file]
+    for key, value in (params or {}).items():
+        cmd += ["-p", f"{key}:={format_param(value)}"]
+    for old, new in (remaps or {}).items():
+        cmd += ["-r", f"{old}:={new}"]
+    if log_level:
+        cmd += ["--log-level", log_level]
+    return cmd
+
+
+def format_param(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_param(v) if not isinstance(v, str) else f"'{v}'" for v in value) + "]"
+    return str(value)
+
+
+class Process:
+    """A child process with its output in a log file, stopped by SIGINT like `ros2 launch` does."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: str | Path) -> None:
+        self.cmd = cmd
+        self.log_path = Path(log_path)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self.popen = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGINT, then wait; SIGKILL only if it hangs. Returns the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGINT)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._log.close()
+        return self.popen.returncode
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())

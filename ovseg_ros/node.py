@@ -125,7 +125,7 @@ class OvsegNode(Node):
             self.get_logger().fatal(str(exc))
             raise
         if encoder.model_id.split("@")[1].startswith("random"):
-            self.get_logger().warn(f"CLIP '{name}' runs with seeded random weights: the labels mean nothing")
+            self.get_logger().warning(f"CLIP '{name}' runs with seeded random weights: the labels mean nothing")
         config = DenseConfig(
             variant=self.get_parameter("dense_variant").value,
             input_size=self.get_parameter("input_size").value,
@@ -188,7 +188,7 @@ class OvsegNode(Node):
                 vocabulary = make_vocabulary(labels, templates, previous=current.vocabulary, limits=self.limits)
                 prepared = self.segmenter.prepare(vocabulary)
             except VocabularyError as exc:
-                self.get_logger().warn(f"set_vocabulary refused: {exc}")
+                self.get_logger().warning(f"set_vocabulary refused: {exc}")
                 return False, str(exc), current.version
             except Exception as exc:  # text encoding failure must not take the node down
                 self.get_logger().error(f"set_vocabulary failed while embedding: {exc!r}")
@@ -230,7 +230,7 @@ class OvsegNode(Node):
                 self._process(frame)
             except ImageError as exc:
                 self.frames_rejected += 1
-                self.get_logger().warn(f"frame refused: {exc}", throttle_duration_sec=2.0)
+                self.get_logger().warning(f"frame refused: {exc}", throttle_duration_sec=2.0)
             except Exception as exc:  # one bad frame must never stop the stream
                 self.frames_rejected += 1
                 self.get_logger().error(f"frame failed: {exc!r}", throttle_duration_sec=2.0)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's test command: set up (idempotent), lint, then every test (multi-process ROS 2 tests included).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/bootstrap.sh"
+cd "$ROOT"
+export HF_HUB_OFFLINE=1
+echo "[test] ruff check"
+.venv/bin/ruff check .
+echo "[test] pytest"
+.venv/bin/python -m pytest -q -ra tests "$@"

@@ -28,7 +28,7 @@ setup(
     name=PACKAGE,
     version="0.1.0",
     packages=find_packages(exclude=["tests", "tests.*"]),
-    package_data={PACKAGE: ["model_configs/*.json", "data/*.txt"]},
+    package_data={PACKAGE: ["model_configs/*.json"]},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
@@ -49,6 +49,7 @@ setup(
             "ovseg-demo = ovseg_ros.demo:main",
             "ovseg-models = ovseg_ros.core.registry:main",
             "ovseg = ovseg_ros.cli:main",
+            "ovseg-bench = ovseg_ros.bench.__main__:main",
         ],
     },
 )

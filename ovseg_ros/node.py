@@ -30,11 +30,12 @@ from rclpy.qos import (  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
 
 from ovseg_interfaces.msg import LabelInfo, Segmentation  # noqa: E402
-from ovseg_interfaces.srv import GetVocabulary, SetVocabulary  # noqa: E402
+from ovseg_interfaces.srv import GetVocabulary, SegmentPrompt, SetVocabulary  # noqa: E402
 
 from .core.dense import DenseConfig, DenseSegmenter, PreparedVocabulary, SegmentationResult  # noqa: E402
-from .core.overlay import blend  # noqa: E402
-from .core.registry import ModelError, load_clip  # noqa: E402
+from .core.overlay import blend, draw_prompt_answers  # noqa: E402
+from .core.prompt import PromptError, PromptSegmenter  # noqa: E402
+from .core.registry import ModelError, load_clip, load_sam  # noqa: E402
 from .core.text_cache import TextEmbeddingCache  # noqa: E402
 from .core.vocabulary import (  # noqa: E402
     DEFAULT_TEMPLATES,
@@ -42,7 +43,8 @@ from .core.vocabulary import (  # noqa: E402
     VocabularyLimits,
     make_vocabulary,
 )
-from .image_conversions import ImageError, image_to_rgb, mono16_to_image, rgb_to_image  # noqa: E402
+from .image_conversions import ImageError, image_to_rgb, mono8_to_image, mono16_to_image, rgb_to_image  # noqa: E402
+from .prompt_requests import prompts_from_request  # noqa: E402
 
 DEFAULT_VOCABULARY = ("grass", "water", "sky", "wall", "sand", "red circle", "blue square", "yellow triangle")
 
@@ -70,6 +72,7 @@ class OvsegNode(Node):
             max_name_length=self.get_parameter("max_name_length").value,
         )
         self.segmenter = self._load_segmenter()
+        self.prompter = self._load_prompter()
         vocabulary = make_vocabulary(
             list(self.get_parameter("vocabulary").value),
             list(self.get_parameter("prompt_templates").value),
@@ -83,6 +86,7 @@ class OvsegNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self._slot: _Frame | None = None
+        self._frame_headers: dict[tuple[int, int], object] = {}
         self._slot_cond = threading.Condition()
         self._running = True
         self._worker = threading.Thread(target=self._work_loop, name="ovseg-worker", daemon=True)
@@ -113,6 +117,15 @@ class OvsegNode(Node):
         declare("qos_depth", 1, "queue depth of the image subscription", read_only=True)
         declare("publish_overlay", True, "publish the rgb8 colour overlay for rviz")
         declare("overlay_alpha", 0.5, "opacity of the class colours in the overlay")
+        declare("sam_model", "ovseg-demo-sam",
+                "SAM for prompts: a manifest name or ARCH:/path (demo, vit_b, vit_l, vit_h, vit_t); empty disables",
+                read_only=True)
+        declare("frame_cache_size", 4, "recent frames kept for prompt queries by stamp", read_only=True)
+        declare("eager_sam", False, "compute SAM's image embedding for every frame instead of on the first prompt",
+                read_only=True)
+        declare("prompt_top_k", 3, "labels returned per prompt", read_only=True)
+        declare("segment_everything", False, "also publish a point-grid instance segmentation (`instances`)")
+        declare("everything_points_per_side", 16, "point grid of the segment-everything mode", read_only=True)
         declare("text_cache_dir", "", "directory for the on-disk text-embedding cache; empty = memory only",
                 read_only=True)
 
@@ -135,6 +148,21 @@ class OvsegNode(Node):
                                    self.get_parameter("text_cache_dir").value or None)
         return DenseSegmenter(encoder, cache, config)
 
+    def _load_prompter(self) -> PromptSegmenter | None:
+        name = self.get_parameter("sam_model").value
+        if not name:
+            self.get_logger().info("sam_model is empty: segment_prompt is disabled")
+            return None
+        try:
+            sam = load_sam(name, device=self.get_parameter("device").value)
+        except ModelError as exc:
+            self.get_logger().fatal(str(exc))
+            raise
+        return PromptSegmenter(sam, self.segmenter.encoder,
+                               cache_size=self.get_parameter("frame_cache_size").value,
+                               eager_sam=self.get_parameter("eager_sam").value,
+                               top_k=self.get_parameter("prompt_top_k").value)
+
     def _setup_publishers(self) -> None:
         self.pub_labels = self.create_publisher(Image, "labels", 2)
         self.pub_segmentation = self.create_publisher(Segmentation, "segmentation", 2)
@@ -142,6 +170,7 @@ class OvsegNode(Node):
         latched = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
         self.pub_label_info = self.create_publisher(LabelInfo, "label_info", latched)
+        self.pub_instances = self.create_publisher(Segmentation, "instances", 2)
 
     def _setup_subscriptions_and_services(self) -> None:
         qos_name = self.get_parameter("image_qos").value
@@ -158,6 +187,9 @@ class OvsegNode(Node):
         services = MutuallyExclusiveCallbackGroup()  # text encoding never blocks the image callback
         self.create_service(SetVocabulary, "set_vocabulary", self._on_set_vocabulary, callback_group=services)
         self.create_service(GetVocabulary, "get_vocabulary", self._on_get_vocabulary, callback_group=services)
+        if self.prompter is not None:
+            self.create_service(SegmentPrompt, "segment_prompt", self._on_segment_prompt,
+                                callback_group=MutuallyExclusiveCallbackGroup())
 
     # ------------------------------------------------------------------ callbacks
     def _on_image(self, msg: Image) -> None:
@@ -240,6 +272,14 @@ class OvsegNode(Node):
         prepared = self._prepared  # one reference for the whole frame: outputs never mix versions
         result = self.segmenter.segment(rgb, prepared)
         self._publish(frame.msg, rgb, result, prepared)
+        if self.prompter is not None:
+            stamp = frame.msg.header.stamp
+            self.prompter.add_frame((stamp.sec, stamp.nanosec), rgb, result.dense_features)
+            self._frame_headers[(stamp.sec, stamp.nanosec)] = frame.msg.header
+            while len(self._frame_headers) > self.prompter.cache_size:
+                self._frame_headers.pop(next(iter(self._frame_headers)))
+            if self.get_parameter("segment_everything").value:
+                self._publish_everything(frame.msg.header, prepared)
         self.frames_processed += 1
 
     def _publish(self, source: Image, rgb, result: SegmentationResult, prepared: PreparedVocabulary) -> None:
@@ -261,6 +301,72 @@ class OvsegNode(Node):
                             alpha=float(self.get_parameter("overlay_alpha").value),
                             names=prepared.vocabulary.display_names, class_ids=result.class_ids)
             self.pub_overlay.publish(rgb_to_image(overlay, header))
+
+    def _on_segment_prompt(self, request: SegmentPrompt.Request, response: SegmentPrompt.Response):
+        try:
+            self._answer_prompt(request, response)
+        except (PromptError, ImageError, VocabularyError) as exc:
+            response.success, response.message = False, str(exc)
+            self.get_logger().warning(f"segment_prompt refused: {exc}")
+        except Exception as exc:  # never let one request take the node down
+            response.success, response.message = False, f"segment_prompt failed: {exc!r}"
+            self.get_logger().error(response.message)
+        return response
+
+    def _answer_prompt(self, request: SegmentPrompt.Request, response: SegmentPrompt.Response) -> None:
+        prepared = self._prepared
+        version = prepared.version
+        if len(request.vocabulary):
+            override = make_vocabulary(list(request.vocabulary), [], previous=prepared.vocabulary,
+                                       limits=self.limits)
+            prepared = self.segmenter.prepare(override)
+            version = 0
+        if request.image.height > 0:
+            rgb = image_to_rgb(request.image)
+            key = (request.image.header.stamp.sec, request.image.header.stamp.nanosec)
+            height, width = rgb.shape[:2]
+            dense_shape = self.segmenter.model_input_shape(height, width)
+            self.prompter.add_frame(key, rgb, dense_input_shape=dense_shape)
+            self._frame_headers[key] = request.image.header
+        else:
+            key = (request.stamp.sec, request.stamp.nanosec)
+            key = None if key == (0, 0) else key
+        cached = self.prompter.frame(key)
+        height, width = cached.image.shape[:2]
+        prompts = prompts_from_request(request, height, width)
+        frame, answers = self.prompter.query(cached.key, prompts, prepared, multimask=request.multimask,
+                                             crop_fusion=request.crop_fusion)
+        header = self._frame_headers.get(frame.key)
+        if header is None:
+            header = request.image.header
+        response.header = header
+        response.masks = [mono8_to_image(a.mask.astype("uint8") * 255, header) for a in answers]
+        response.labels = [a.labels[0] for a in answers]
+        response.label_scores = [a.label_scores[0] for a in answers]
+        response.mask_scores = [a.mask_score for a in answers]
+        response.vocabulary_version = version
+        response.top_k = len(answers[0].labels)
+        response.top_labels = [name for a in answers for name in a.labels]
+        response.top_scores = [score for a in answers for score in a.label_scores]
+        response.success = True
+        response.message = f"{len(answers)} prompts answered on frame {frame.key[0]}.{frame.key[1]:09d}"
+        if self.get_parameter("publish_overlay").value:
+            overlay = draw_prompt_answers(frame.image, answers, prompts)
+            self.pub_overlay.publish(rgb_to_image(overlay, header))
+
+    def _publish_everything(self, header, prepared: PreparedVocabulary) -> None:
+        key = (header.stamp.sec, header.stamp.nanosec)
+        instances, answers = self.prompter.segment_everything(
+            key, prepared, points_per_side=self.get_parameter("everything_points_per_side").value)
+        msg = Segmentation()
+        msg.header = header
+        msg.vocabulary_version = prepared.version
+        msg.labels = mono16_to_image(instances, header)
+        msg.class_ids = [i + 1 for i in range(len(answers))]  # instance ids; the names are their labels
+        msg.class_names = [a.labels[0] for a in answers]
+        msg.class_scores = [a.label_scores[0] for a in answers]
+        msg.class_areas = [float(a.mask.mean()) for a in answers]
+        self.pub_instances.publish(msg)
 
     def _publish_label_info(self) -> None:
         vocabulary = self._prepared.vocabulary

@@ -9,10 +9,11 @@ import argparse
 import json
 import time
 
+import cv2
 import numpy as np
 
 from ..core.dense import DenseConfig, DenseSegmenter
-from ..core.metrics import ConfusionMatrix
+from ..core.metrics import ConfusionMatrix, mask_iou
 from ..core.registry import load_clip
 from ..core.text_cache import TextEmbeddingCache
 from ..core.vocabulary import Vocabulary
@@ -64,13 +65,92 @@ def evaluate_dense(clip: str | DenseSegmenter, scenes: int = 100, size: int | tu
     }
 
 
+def centre_point(mask: np.ndarray) -> np.ndarray:
+    """The interior point farthest from the mask's border (what an operator would click)."""
+    dist = cv2.distanceTransform(np.pad(mask.astype(np.uint8), 1), cv2.DIST_L2, 5)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return np.array([[x, y]], dtype=np.float32)
+
+
+def evaluate_prompts(segmenter: DenseSegmenter, prompter, scenes: int = 100, size: int | tuple[int, int] = 224,
+                     seed_base: int = EVAL_SEED_BASE) -> dict:
+    """Mask IoU for a centre point, a random interior point plus one background point, and a box; label accuracy
+    (top-1 over the whole world vocabulary) for seen and held-out compositions, from the box prompts."""
+    from ..core.prompt import Prompt
+
+    vocab = world_vocabulary()
+    prepared = segmenter.prepare(Vocabulary(tuple(vocab)))
+    novel = {f"{colour} {shape}" for colour, shape in HELD_OUT}
+    ious: dict[str, list[float]] = {"point": [], "multi_point": [], "box": []}
+    correct: dict[str, list[bool]] = {"seen": [], "held_out": []}
+    rng = np.random.default_rng(seed_base)
+    for i in range(scenes):
+        scene = generate_scene(seed_base + i, size=size, split="eval")
+        if not scene.instance_masks:
+            continue
+        result = segmenter.segment(scene.image, prepared)
+        prompter.add_frame((i, 0), scene.image, result.dense_features)
+        prompts = {"point": [], "multi_point": [], "box": []}
+        for mask, box in zip(scene.instance_masks, scene.boxes, strict=True):
+            prompts["point"].append(Prompt(points=centre_point(mask), point_labels=np.ones(1, np.int64)))
+            ys, xs = np.nonzero(mask)
+            pick = rng.integers(len(xs))
+            bys, bxs = np.nonzero(~mask)
+            back = rng.integers(len(bxs))
+            points = np.array([[xs[pick], ys[pick]], [bxs[back], bys[back]]], dtype=np.float32)
+            prompts["multi_point"].append(Prompt(points=points, point_labels=np.array([1, 0])))
+            prompts["box"].append(Prompt(box=np.asarray(box, np.float32)))
+        for kind, group in prompts.items():
+            _, answers = prompter.query((i, 0), group, prepared, multimask=kind == "point")
+            for answer, mask, name in zip(answers, scene.instance_masks, scene.instance_classes, strict=True):
+                ious[kind].append(mask_iou(answer.mask, mask))
+                if kind == "box":
+                    correct["held_out" if name in novel else "seen"].append(answer.labels[0] == name)
+    return {
+        "prompt_iou_point": round(float(np.mean(ious["point"])), 4),
+        "prompt_iou_multi_point": round(float(np.mean(ious["multi_point"])), 4),
+        "prompt_iou_box": round(float(np.mean(ious["box"])), 4),
+        "label_accuracy_seen": round(float(np.mean(correct["seen"])), 4) if correct["seen"] else float("nan"),
+        "label_accuracy_held_out": round(float(np.mean(correct["held_out"])), 4)
+        if correct["held_out"] else float("nan"),
+        "prompts_per_kind": len(ious["box"]),
+    }
+
+
+TARGETS = {"dense_miou_seen": 0.60, "dense_miou_held_out": 0.45, "prompt_iou_point": 0.80, "prompt_iou_box": 0.85,
+           "label_accuracy_seen": 0.85, "label_accuracy_held_out": 0.60}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="dense accuracy on the synthetic benchmark")
+    parser = argparse.ArgumentParser(description="accuracy on the synthetic benchmark (dense and prompts)")
     parser.add_argument("--clip", default="ovseg-demo-clip")
+    parser.add_argument("--sam", default="ovseg-demo-sam", help="empty: skip the prompt metrics")
     parser.add_argument("--scenes", type=int, default=100)
     parser.add_argument("--variant", default="plain")
+    parser.add_argument("--selection", type=float, default=0.0, help="category selection tau; 0 disables")
+    parser.add_argument("--tag-validation", type=int, default=0)
+    parser.add_argument("--refinement", default="none")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    print(json.dumps(evaluate_dense(args.clip, args.scenes, config=DenseConfig(variant=args.variant)), indent=1))
+    config = DenseConfig(variant=args.variant, selection_threshold=args.selection,
+                         tag_validation_top_k=args.tag_validation, refinement=args.refinement)
+    segmenter = make_segmenter(args.clip, config)
+    results = {"clip": segmenter.encoder.model_id, **evaluate_dense(segmenter, args.scenes)}
+    if args.sam:
+        from ..core.prompt import PromptSegmenter
+        from ..core.registry import load_sam
+
+        prompter = PromptSegmenter(load_sam(args.sam), segmenter.encoder, cache_size=2)
+        results.update(sam=args.sam, **evaluate_prompts(segmenter, prompter, args.scenes))
+    print(f"{'metric':28s} {'value':>8s} {'target':>8s}")
+    for key, value in results.items():
+        if isinstance(value, float):
+            target = TARGETS.get(key)
+            mark = "" if target is None else ("  met" if value >= target else "  below")
+            print(f"{key:28s} {value:8.3f} {target if target is not None else '':>8}{mark}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
     return 0
 
 

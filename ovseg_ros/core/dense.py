@@ -17,6 +17,8 @@ from .clip_dense import DENSE_VARIANTS, ClipDenseEncoder
 from .text_cache import TextEmbeddingCache
 from .vocabulary import UNLABELLED, Vocabulary
 
+REFINEMENTS = ("none", "guided")
+
 
 @dataclass(frozen=True)
 class DenseConfig:
@@ -26,6 +28,12 @@ class DenseConfig:
     input_size: int = 0  # short side fed to the image tower; 0 = the tower's native size
     score_threshold: float = 0.0  # pixels whose winning class probability is below this are UNLABELLED
     class_chunk: int = 64  # classes upsampled at once; bounds memory for large vocabularies
+    window_stride: int = 0  # >0: slide native-size windows with this stride (model pixels) over larger inputs
+    selection_threshold: float = 0.0  # DCS tau, relative to the best class; 0 disables category selection
+    selection_patch_top_k: int = 2  # DCS patch level: classes in any patch's top-k join the candidates
+    selection_min_classes: int = 1  # DCS never keeps fewer than this (best image-level scores)
+    tag_validation_top_k: int = 0  # >0: relabel a region whose label is not in its mask-pooled top-k
+    refinement: str = "none"  # "none" or "guided" (edge-aware guided filter on the class maps)
 
     def __post_init__(self) -> None:
         if self.variant not in DENSE_VARIANTS:
@@ -36,6 +44,12 @@ class DenseConfig:
             raise ValueError(f"input_size must be >= 0, got {self.input_size}")
         if self.class_chunk < 1:
             raise ValueError("class_chunk must be >= 1")
+        if not 0.0 <= self.selection_threshold <= 1.0:
+            raise ValueError(f"selection_threshold must be in [0, 1], got {self.selection_threshold}")
+        if self.window_stride < 0 or self.tag_validation_top_k < 0 or self.selection_patch_top_k < 1:
+            raise ValueError("window_stride and tag_validation_top_k must be >= 0, selection_patch_top_k >= 1")
+        if self.refinement not in REFINEMENTS:
+            raise ValueError(f"refinement must be one of {', '.join(REFINEMENTS)}, got {self.refinement!r}")
 
 
 @dataclass(frozen=True)
@@ -60,6 +74,8 @@ class SegmentationResult:
     class_areas: list[float]  # fraction of the image
     vocabulary_version: int
     timings_ms: dict[str, float] = field(default_factory=dict)
+    dense_features: torch.Tensor | None = None  # (h, w, D) CLIP features, reused by prompt queries on this frame
+    selected_classes: list[int] = field(default_factory=list)  # classes kept by category selection
 
     @property
     def inference_ms(self) -> float:
@@ -97,41 +113,154 @@ class DenseSegmenter:
         tensor = tensor.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         return self.encoder.normalise(tensor)
 
+    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, 3, H, W) normalised -> (global (1, D), dense (1, h, w, D)); sliding windows when configured."""
+        native_h, native_w = self.encoder.native_size
+        _, _, height, width = pixels.shape
+        stride = self.config.window_stride
+        if stride <= 0 or (height <= native_h and width <= native_w):
+            return self.encoder.dense_features(pixels, self.config.variant)
+        patch_h, patch_w = self.encoder.patch_size
+        stride = max(patch_h, stride // patch_h * patch_h)
+        tops = _window_starts(height, native_h, stride)
+        lefts = _window_starts(width, native_w, stride)
+        dense_sum = torch.zeros(1, height // patch_h, width // patch_w, self.encoder.embed_dim,
+                                device=pixels.device)
+        count = torch.zeros(1, height // patch_h, width // patch_w, 1, device=pixels.device)
+        global_sum = torch.zeros(1, self.encoder.embed_dim, device=pixels.device)
+        for top in tops:
+            for left in lefts:
+                window = pixels[:, :, top:top + native_h, left:left + native_w]
+                global_emb, dense = self.encoder.dense_features(window, self.config.variant)
+                rows = slice(top // patch_h, top // patch_h + dense.shape[1])
+                cols = slice(left // patch_w, left // patch_w + dense.shape[2])
+                dense_sum[:, rows, cols] += dense.float()
+                count[:, rows, cols] += 1
+                global_sum += global_emb.float()
+        return F.normalize(global_sum, dim=-1), F.normalize(dense_sum / count.clamp(min=1), dim=-1)
+
+    def select_categories(self, global_emb: torch.Tensor, patch_logits: torch.Tensor,
+                          text: torch.Tensor) -> torch.Tensor:
+        """DCP-CLIP dynamic category selection: image-level (CLS) candidates united with patch-level winners
+        under image-level suppression. Returns sorted class indices; all classes when disabled."""
+        classes = patch_logits.shape[-1]
+        tau = self.config.selection_threshold
+        everything = torch.arange(classes, device=patch_logits.device)
+        if tau <= 0 or classes <= self.config.selection_min_classes:
+            return everything
+        image_prob = torch.softmax(self.encoder.logit_scale * global_emb.float() @ text.T, dim=-1)[0]
+        image_set = image_prob >= tau * image_prob.max()
+        suppressed = patch_logits.float().reshape(-1, classes) + torch.log(image_prob + 1e-8)
+        k = min(self.config.selection_patch_top_k, classes)
+        patch_set = torch.zeros(classes, dtype=torch.bool, device=patch_logits.device)
+        patch_set[suppressed.topk(k, dim=-1).indices.unique()] = True
+        keep = image_set | patch_set
+        keep[image_prob.topk(min(self.config.selection_min_classes, classes)).indices] = True
+        return everything[keep]
+
+    def validate_tags(self, class_index: np.ndarray, dense: torch.Tensor, text: torch.Tensor,
+                      selected: torch.Tensor) -> np.ndarray:
+        """DCP-CLIP tag validation: pool the dense features under each predicted class's pixels and re-rank
+        over the selected classes; a label outside its pooled top-k becomes the pooled top-1."""
+        k = self.config.tag_validation_top_k
+        grid = dense.shape[1:3]
+        present = np.unique(class_index)
+        if len(present) == 0 or len(selected) <= k:
+            return class_index
+        masks = torch.from_numpy(np.stack([class_index == c for c in present])).float()[:, None]
+        weights = F.adaptive_avg_pool2d(masks, grid)[:, 0]
+        pooled = F.normalize(torch.einsum("phw,hwd->pd", weights.to(dense.dtype), dense[0]).float(), dim=-1)
+        scores = pooled @ text[selected].float().T
+        top = scores.topk(min(k, len(selected)), dim=-1).indices
+        selected_np = selected.cpu().numpy()
+        out = class_index.copy()
+        for row, cls in enumerate(present):
+            candidates = selected_np[top[row].cpu().numpy()]
+            if cls not in candidates:
+                out[class_index == cls] = candidates[0]
+        return out
+
     @torch.inference_mode()
     def segment(self, image_rgb: np.ndarray, prepared: PreparedVocabulary) -> SegmentationResult:
         if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image_rgb.shape} {image_rgb.dtype}")
         timings: dict[str, float] = {}
-        t0 = time.perf_counter()
+        clock = _Stopwatch(timings)
         pixels = self.preprocess(image_rgb)
-        t1 = time.perf_counter()
-        timings["preprocess"] = (t1 - t0) * 1000
-        _, dense = self.encoder.dense_features(pixels, self.config.variant)
-        t2 = time.perf_counter()
-        timings["image_encoder"] = (t2 - t1) * 1000
+        clock.lap("preprocess")
+        global_emb, dense = self.encode(pixels)
+        clock.lap("image_encoder")
         text = prepared.text_embeddings.to(dense.device, dense.dtype)
-        logits = self.encoder.logit_scale * torch.einsum("bhwd,cd->bchw", dense, text)
-        labels, confidence = upsample_argmax(logits, image_rgb.shape[:2], self.config.class_chunk)
-        t3 = time.perf_counter()
-        timings["classify_upsample"] = (t3 - t2) * 1000
-        result = summarise(labels, confidence, prepared, self.config.score_threshold)
-        timings["postprocess"] = (time.perf_counter() - t3) * 1000
+        patch_logits = self.encoder.logit_scale * torch.einsum("bhwd,cd->bhwc", dense, text)[0]
+        selected = self.select_categories(global_emb, patch_logits, text)
+        clock.lap("category_selection")
+        logits = patch_logits[..., selected].permute(2, 0, 1)[None]
+        guide = image_rgb if self.config.refinement == "guided" else None
+        index, confidence = upsample_argmax(logits, image_rgb.shape[:2], self.config.class_chunk, guide)
+        class_index = selected.cpu().numpy()[index]
+        clock.lap("classify_upsample")
+        if self.config.tag_validation_top_k > 0:
+            class_index = self.validate_tags(class_index, dense, text, selected)
+            clock.lap("tag_validation")
+        result = summarise(class_index, confidence, prepared, self.config.score_threshold)
+        clock.lap("postprocess")
         result.timings_ms = timings
+        result.dense_features = dense[0]
+        result.selected_classes = [int(c) for c in selected]
         return result
 
 
-def upsample_argmax(logits: torch.Tensor, size: tuple[int, int], chunk: int) -> tuple[np.ndarray, np.ndarray]:
+class _Stopwatch:
+    def __init__(self, timings: dict[str, float]) -> None:
+        self.timings = timings
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = (now - self.last) * 1000
+        self.last = now
+
+
+def _window_starts(length: int, window: int, stride: int) -> list[int]:
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window, stride))
+    return starts + [length - window]
+
+
+def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int = 4, eps: float = 1e-3) -> np.ndarray:
+    """He et al.'s guided filter (grey guide) with OpenCV box filters: edges of `guide` shape `source`."""
+    size = (2 * radius + 1, 2 * radius + 1)
+
+    def box(x: np.ndarray) -> np.ndarray:
+        return cv2.boxFilter(x, cv2.CV_32F, size)
+
+    mean_i, mean_p = box(guide), box(source)
+    cov_ip = box(guide * source) - mean_i * mean_p
+    var_i = box(guide * guide) - mean_i * mean_i
+    a = cov_ip / (var_i + eps)
+    b = mean_p - a * mean_i
+    return box(a) * guide + box(b)
+
+
+def upsample_argmax(logits: torch.Tensor, size: tuple[int, int], chunk: int,
+                    guide_rgb: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact bilinear upsampling + softmax argmax, a chunk of classes at a time (bounded memory).
 
     Keeps a running max, argmax and log-sum-exp so a 1000-class vocabulary never holds C x H x W floats.
+    With a guide image, each class map is edge-aware filtered (guided filter) before the argmax.
     """
     _, classes, _, _ = logits.shape
-    best = None
-    best_idx = None
-    lse = None
+    guide = None
+    if guide_rgb is not None:
+        guide = cv2.cvtColor(guide_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    best = best_idx = lse = None
     for start in range(0, classes, chunk):
         part = F.interpolate(logits[:, start:start + chunk].float(), size=size, mode="bilinear",
                              align_corners=False)[0]
+        if guide is not None:
+            filtered = [guided_filter(guide, channel) for channel in part.cpu().numpy()]
+            part = torch.from_numpy(np.stack(filtered)).to(part.device)
         part_max, part_idx = part.max(dim=0)
         part_lse = torch.logsumexp(part, dim=0)
         if best is None:
@@ -142,7 +271,7 @@ def upsample_argmax(logits: torch.Tensor, size: tuple[int, int], chunk: int) -> 
             best_idx = torch.where(better, part_idx + start, best_idx)
             lse = torch.logaddexp(lse, part_lse)
     confidence = torch.exp(best - lse)
-    return best_idx.to(torch.int32).cpu().numpy(), confidence.cpu().numpy().astype(np.float32)
+    return best_idx.to(torch.int64).cpu().numpy(), confidence.cpu().numpy().astype(np.float32)
 
 
 def summarise(class_index: np.ndarray, confidence: np.ndarray, prepared: PreparedVocabulary,

@@ -50,3 +50,28 @@ def draw_legend(image: np.ndarray, names: list[str], colours: np.ndarray, max_ro
                     cv2.LINE_AA)
         cv2.putText(image, name, (10 + row_h, y + row_h - 8), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,
                     cv2.LINE_AA)
+
+
+def draw_prompt_answers(image_rgb: np.ndarray, answers, prompts) -> np.ndarray:
+    """Prompt results for rviz: each mask tinted and outlined, its prompt drawn, its label written."""
+    out = image_rgb.copy()
+    colours = palette(max(1, len(answers)))
+    for index, (answer, prompt) in enumerate(zip(answers, prompts, strict=True)):
+        colour = tuple(int(c) for c in colours[index])
+        mask = answer.mask.astype(np.uint8)
+        tint = out.copy()
+        tint[mask > 0] = colours[index]
+        out = cv2.addWeighted(out, 0.55, tint, 0.45, 0.0)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, colour, 2)
+        if prompt.box is not None:
+            x1, y1, x2, y2 = (int(v) for v in prompt.box)
+            cv2.rectangle(out, (x1, y1), (x2, y2), colour, 1)
+        for (x, y), label in zip(prompt.points, prompt.point_labels, strict=True):
+            cv2.circle(out, (int(x), int(y)), 5, (0, 255, 0) if label == 1 else (255, 0, 0), -1)
+        ys, xs = np.nonzero(mask)
+        anchor = (int(xs.min()), max(12, int(ys.min()) - 4)) if len(xs) else (6, 18 + 18 * index)
+        text = f"{answer.labels[0]} {answer.label_scores[0]:.2f}"
+        cv2.putText(out, text, anchor, cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(out, text, anchor, cv2.FONT_HERSHEY_SIMPLEX, 0.5, colour, 1, cv2.LINE_AA)
+    return out

@@ -163,6 +163,43 @@ def load_clip(name_or_path: str, device: str = "cpu", seed: int = 0):
     return ClipDenseEncoder(model, tokenizer, model_id, device=device)
 
 
+SAM_ARCHS = ("demo", "vit_b", "vit_l", "vit_h", "vit_t")
+
+
+def load_sam(name_or_path: str, device: str = "cpu"):
+    """Build a segment_anything Sam from a manifest name or 'ARCH:/path' (ARCH in SAM_ARCHS)."""
+    import torch
+
+    arch, path, _ = resolve(name_or_path, "sam")
+    if arch not in SAM_ARCHS:
+        raise ModelError(f"unknown SAM architecture '{arch}'; choose one of {', '.join(SAM_ARCHS)}")
+    if path is None:
+        raise ModelError(f"SAM '{name_or_path}' needs weights: a manifest name or {arch}:/path/to/checkpoint")
+    try:
+        if arch == "demo":
+            from .sam_builders import build_demo_sam
+
+            sam = build_demo_sam(str(path))
+        elif arch == "vit_t":
+            try:
+                from mobile_sam import sam_model_registry as mobile_registry
+            except ImportError as exc:
+                raise ModelError("MobileSAM (vit_t) needs the mobile_sam package: "
+                                 "pip install git+https://github.com/ChaoningZhang/MobileSAM.git timm") from exc
+            sam = mobile_registry["vit_t"]()
+            sam.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            from segment_anything import sam_model_registry
+
+            sam = sam_model_registry[arch]()
+            sam.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except ModelError:
+        raise
+    except Exception as exc:  # truncated file, wrong architecture, missing keys
+        raise ModelError(f"cannot load SAM '{name_or_path}' ({arch}) from {path}: {exc}") from exc
+    return sam.to(device).eval()
+
+
 def fetch(name: str, force: bool = False) -> Path:
     """Download a manifest entry into the first writable model directory and verify it (needs internet)."""
     entry = load_manifest().get(name)

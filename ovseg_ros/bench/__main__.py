@@ -1,0 +1,27 @@
+"""`ovseg-bench accuracy|speed ...`: the project's benchmarks (each prints a table; --json writes one)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("accuracy", "speed", "prompt")
+    if not argv or argv[0] not in commands:
+        print(f"usage: ovseg-bench {{{'|'.join(commands)}}} [options]  (--help after the command for options)")
+        return 2
+    command, rest = argv[0], argv[1:]
+    if command == "accuracy":
+        from .accuracy import main as run
+    elif command == "speed":
+        from .speed import main as run
+    else:
+        from .prompt_speed import main as run
+    return run(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

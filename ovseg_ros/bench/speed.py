@@ -1,0 +1,152 @@
+"""Speed benchmark: per-stage latency of the dense segmenter at 640x480, full vocabulary vs category selection.
+
+    ovseg-bench speed [--clip ViT-B-16] [--sizes 20,150,847] [--runs 5] [--json out.json]
+
+Random weights are fine for speed (the work does not depend on the values), except that category selection keeps
+a weight-dependent number of classes: the table prints how many it kept. Also prints the machine's measured
+float32 matmul throughput and the dense pass's FLOP count, so the distance to the compute bound is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.dense import DenseConfig, DenseSegmenter
+from ..core.registry import load_clip
+from ..core.text_cache import TextEmbeddingCache
+from ..core.vocabulary import Vocabulary
+from ..runtime import share_file
+from ..synth.world import generate_scene, world_vocabulary
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def matmul_gflops(size: int = 1024, runs: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Median float32 GEMM throughput of this machine (the compute bound the dense pass is compared to)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / float(np.median(times)) / 1e9
+
+
+def dense_pass_flops(segmenter: DenseSegmenter, image: np.ndarray) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pixels = segmenter.preprocess(image)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        segmenter.encode(pixels)
+    return float(counter.get_total_flops())
+
+
+def load_names(count: int) -> list[str]:
+    if count <= len(world_vocabulary()):
+        return world_vocabulary()[:count]
+    source = "config/vocabularies/names_150.txt" if count <= 150 else "config/vocabularies/names_847.txt"
+    names = [n.strip() for n in share_file(source).read_text().splitlines() if n.strip() and not n.startswith("#")]
+    if len(names) < count:
+        raise ValueError(f"{source} has {len(names)} names, fewer than {count}")
+    return names[:count]
+
+
+def time_segment(segmenter: DenseSegmenter, image: np.ndarray, prepared, runs: int) -> dict:
+    segmenter.segment(image, prepared)  # warm-up
+    stages: dict[str, list[float]] = {}
+    totals, kept = [], []
+    for _ in range(runs):
+        start = time.perf_counter()
+        result = segmenter.segment(image, prepared)
+        totals.append((time.perf_counter() - start) * 1000)
+        kept.append(len(result.selected_classes))
+        for name, value in result.timings_ms.items():
+            stages.setdefault(name, []).append(value)
+    row = {name: round(float(np.median(values)), 1) for name, values in stages.items()}
+    row["total_ms"] = round(float(np.median(totals)), 1)
+    row["fps"] = round(1000.0 / row["total_ms"], 2)
+    row["classes_kept"] = int(np.median(kept))
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clip", default="ViT-B-16", help="model (random init is fine for speed)")
+    parser.add_argument("--sizes", default="20,150,847")
+    parser.add_argument("--selection", type=float, default=0.5, help="category selection tau for the DCS rows")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--input-size", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    info = machine_info()
+    info["matmul_fp32_gflops"] = round(matmul_gflops(), 1)
+    encoder = load_clip(args.clip)
+    cache = TextEmbeddingCache(encoder.encode_text, encoder.model_id)
+    image = generate_scene(7, size=(args.height, args.width), split="eval").image
+    base = DenseConfig(input_size=args.input_size)
+    flops = dense_pass_flops(DenseSegmenter(encoder, cache, base), image)
+    rows = []
+    for count in [int(s) for s in args.sizes.split(",")]:
+        vocabulary = Vocabulary(tuple(load_names(count)), templates=("a photo of a {}.",))
+        for label, config in (("full", base), ("dcs", DenseConfig(input_size=args.input_size,
+                                                                   selection_threshold=args.selection))):
+            segmenter = DenseSegmenter(encoder, cache, config)
+            prepared = segmenter.prepare(vocabulary)
+            row = {"classes": count, "mode": label, **time_segment(segmenter, image, prepared, args.runs)}
+            rows.append(row)
+    encoder_ms = float(np.median([r["image_encoder"] for r in rows]))
+    achieved = flops / (encoder_ms / 1000) / 1e9
+    report = {"machine": info, "model": encoder.model_id, "image": f"{args.width}x{args.height}",
+              "model_input": "x".join(str(v) for v in DenseSegmenter(encoder, cache, base).model_input_shape(
+                  args.height, args.width)),
+              "dense_pass_gflop": round(flops / 1e9, 2), "dense_pass_gflops_achieved": round(achieved, 1),
+              "fraction_of_matmul_bound": round(achieved / info["matmul_fp32_gflops"], 2), "rows": rows}
+    print(f"machine: {info['cpu']} | {info['cores']} cores | torch {info['torch']} "
+          f"({info['torch_threads']} threads) | fp32 matmul {info['matmul_fp32_gflops']} GFLOP/s")
+    print(f"model {encoder.model_id}, {report['image']} -> model input {report['model_input']}; dense pass "
+          f"{report['dense_pass_gflop']} GFLOP at {achieved:.1f} GFLOP/s "
+          f"({report['fraction_of_matmul_bound']:.0%} of the matmul bound)")
+    stages = ["preprocess", "image_encoder", "category_selection", "classify_upsample", "postprocess"]
+    print(f"{'classes':>7} {'mode':>4} {'kept':>5} " + " ".join(f"{s[:14]:>14}" for s in stages)
+          + f" {'total_ms':>9} {'fps':>6}")
+    for row in rows:
+        print(f"{row['classes']:>7} {row['mode']:>4} {row['classes_kept']:>5} "
+              + " ".join(f"{row.get(s, 0.0):>14.1f}" for s in stages) + f" {row['total_ms']:>9.1f} {row['fps']:>6.2f}")
+    for count in sorted({r["classes"] for r in rows}):
+        full = next(r for r in rows if r["classes"] == count and r["mode"] == "full")
+        dcs = next(r for r in rows if r["classes"] == count and r["mode"] == "dcs")
+        print(f"{count} classes: DCS {full['total_ms'] / dcs['total_ms']:.2f}x faster than the full vocabulary")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

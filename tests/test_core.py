@@ -1,0 +1,125 @@
+"""The ROS-free core with real open_clip models: dense variants, selection, caches, limits, determinism."""
+
+from __future__ import annotations
+
+import resource
+
+import numpy as np
+import pytest
+import torch
+
+from ovseg_ros.core.clip_dense import DENSE_VARIANTS
+from ovseg_ros.core.dense import DenseConfig, DenseSegmenter, upsample_argmax
+from ovseg_ros.core.registry import load_clip
+from ovseg_ros.core.text_cache import TextEmbeddingCache
+from ovseg_ros.core.vocabulary import Vocabulary, VocabularyError, make_vocabulary
+from ovseg_ros.synth.world import generate_scene
+
+
+@pytest.fixture(scope="module")
+def small():
+    encoder = load_clip("ovseg-demo-vit")
+    return encoder, TextEmbeddingCache(encoder.encode_text, encoder.model_id)
+
+
+@pytest.fixture(scope="module")
+def vit_b16():
+    torch.set_num_threads(2)
+    return load_clip("ViT-B-16")
+
+
+@pytest.mark.parametrize("variant", DENSE_VARIANTS)
+def test_every_variant_runs_on_a_vit_b16_shaped_model(vit_b16, variant):
+    images = vit_b16.normalise(torch.rand(1, 3, 224, 288))  # non-native width: position table interpolated
+    with torch.inference_mode():
+        global_emb, dense = vit_b16.dense_features(images, variant)
+    assert global_emb.shape == (1, 512) and dense.shape == (1, 14, 18, 512)
+    assert torch.allclose(dense.norm(dim=-1), torch.ones(1, 14, 18), atol=1e-4)
+    assert torch.isfinite(dense).all()
+
+
+def test_variants_differ_but_share_the_class_token(small):
+    encoder, _ = small
+    images = encoder.normalise(torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0)))
+    with torch.inference_mode():
+        outputs = {v: encoder.dense_features(images, v) for v in DENSE_VARIANTS}
+    for variant in DENSE_VARIANTS[1:]:
+        assert torch.allclose(outputs[variant][0], outputs["plain"][0], atol=1e-5)  # CLS: the standard block
+        assert not torch.allclose(outputs[variant][1], outputs["plain"][1], atol=1e-3)
+
+
+def test_same_input_same_output(small):
+    encoder, cache = small
+    segmenter = DenseSegmenter(encoder, cache, DenseConfig(selection_threshold=0.5, tag_validation_top_k=2))
+    prepared = segmenter.prepare(Vocabulary(("grass", "sky", "red circle", "blue star")))
+    image = generate_scene(3, size=(240, 320), split="eval").image
+    first = segmenter.segment(image, prepared)
+    second = segmenter.segment(image.copy(), prepared)
+    assert np.array_equal(first.labels, second.labels)
+    assert np.array_equal(first.confidence, second.confidence)
+
+
+def test_chunked_upsampling_equals_the_direct_softmax():
+    logits = torch.randn(1, 37, 6, 8, generator=torch.Generator().manual_seed(1)) * 5
+    index, confidence = upsample_argmax(logits, (30, 40), chunk=5)
+    full = torch.nn.functional.interpolate(logits, size=(30, 40), mode="bilinear", align_corners=False)[0]
+    probs = torch.softmax(full, dim=0)
+    assert np.array_equal(index, probs.argmax(0).numpy())
+    assert np.allclose(confidence, probs.max(0).values.numpy(), atol=1e-5)
+
+
+def test_thousand_classes_stay_within_bounded_memory(small):
+    encoder, cache = small
+    names = tuple(f"object number {i}" for i in range(1000))
+    segmenter = DenseSegmenter(encoder, cache, DenseConfig())
+    prepared = segmenter.prepare(Vocabulary(names, templates=("a photo of a {}.",)))
+    image = generate_scene(4, size=(480, 640), split="eval").image
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result = segmenter.segment(image, prepared)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert result.labels.shape == (480, 640) and result.labels.max() < 1000
+    # Holding all 1000 upsampled class maps would take 1000*480*640*4 B = 1.2 GB (twice that with the softmax).
+    assert grown_mb < 600, f"peak memory grew by {grown_mb:.0f} MB"
+
+
+def test_known_vocabulary_is_not_embedded_again(small, tmp_path):
+    encoder, _ = small
+    cache = TextEmbeddingCache(encoder.encode_text, encoder.model_id, cache_dir=tmp_path)
+    vocab = Vocabulary(("sofa;couch", "chair", "lamp"))
+    first = cache.embed_vocabulary(vocab)
+    assert cache.computed == 3
+    again = cache.embed_vocabulary(Vocabulary(("lamp", "chair", "sofa;couch")))
+    assert cache.computed == 3 and torch.allclose(again[2], first[0])
+    fresh = TextEmbeddingCache(encoder.encode_text, encoder.model_id, cache_dir=tmp_path)  # a restarted node
+    assert torch.allclose(fresh.embed_vocabulary(vocab), first) and fresh.computed == 0
+    synonym = cache.embed(("sofa",), vocab.templates)
+    assert not torch.allclose(synonym[0], first[0])  # the synonym ensemble differs from one name alone
+
+
+def test_category_selection_off_keeps_everything_on_keeps_fewer(small):
+    encoder, cache = small
+    names = tuple(f"thing {i}" for i in range(50))
+    image = generate_scene(5, size=224, split="eval").image
+    off = DenseSegmenter(encoder, cache, DenseConfig(selection_threshold=0.0))
+    on = DenseSegmenter(encoder, cache, DenseConfig(selection_threshold=0.9, selection_patch_top_k=1))
+    prepared = off.prepare(Vocabulary(names))
+    assert len(off.segment(image, prepared).selected_classes) == 50
+    kept = on.segment(image, prepared).selected_classes
+    assert 1 <= len(kept) < 50
+
+
+@pytest.mark.parametrize(
+    "labels, message",
+    [([], "empty"), ("cat", "list"), (["a", "b", "c"], "characters"), (["x" * 129], "limit"),
+     (["cat", "Cat"], "repeats"), (["ok", 3], "not a string"), (["bad\x00name"], "control")],
+)
+def test_vocabulary_validation_says_why(labels, message):
+    with pytest.raises(VocabularyError, match=message):
+        make_vocabulary(labels)
+
+
+def test_config_rejects_bad_values():
+    for kwargs in ({"variant": "nope"}, {"score_threshold": 2.0}, {"selection_threshold": -1},
+                   {"refinement": "crf"}, {"input_size": -5}):
+        with pytest.raises(ValueError):
+            DenseConfig(**kwargs)

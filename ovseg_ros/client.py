@@ -63,7 +63,8 @@ class OvsegClient:
 
     def subscribe(self, topic: str, msg_type, qos=None, keep: int = 200) -> None:
         """Record any further topic of the node (relative names get the target namespace)."""
-        self._subscribe(self.prefix + topic, topic, msg_type, qos or QoSProfile(depth=10), keep)
+        full = topic if topic.startswith("/") else self.prefix + topic
+        self._subscribe(full, topic, msg_type, qos or QoSProfile(depth=10), keep)
 
     # ------------------------------------------------------------------ services
     def wait_ready(self, timeout: float = 60.0) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import rclpy  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult  # noqa: E402
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup  # noqa: E402
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor  # noqa: E402
@@ -27,7 +28,7 @@ from rclpy.qos import (  # noqa: E402
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
-from sensor_msgs.msg import Image  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from ovseg_interfaces.msg import LabelInfo, Segmentation  # noqa: E402
 from ovseg_interfaces.srv import GetVocabulary, SegmentPrompt, SetVocabulary  # noqa: E402
@@ -43,7 +44,15 @@ from .core.vocabulary import (  # noqa: E402
     VocabularyLimits,
     make_vocabulary,
 )
-from .image_conversions import ImageError, image_to_rgb, mono8_to_image, mono16_to_image, rgb_to_image  # noqa: E402
+from .diagnostics import StreamStats, diagnostic_array  # noqa: E402
+from .image_conversions import (  # noqa: E402
+    ImageError,
+    compressed_to_rgb,
+    image_to_rgb,
+    mono8_to_image,
+    mono16_to_image,
+    rgb_to_image,
+)
 from .prompt_requests import prompts_from_request  # noqa: E402
 
 DEFAULT_VOCABULARY = ("grass", "water", "sky", "wall", "sand", "red circle", "blue square", "yellow triangle")
@@ -61,11 +70,7 @@ class OvsegNode(Node):
     def __init__(self, **kwargs) -> None:
         super().__init__("ovseg", **kwargs)
         self._declare_parameters()
-        self._stats_lock = threading.Lock()
-        self.frames_received = 0
-        self.frames_processed = 0
-        self.frames_dropped = 0
-        self.frames_rejected = 0
+        self.stats = StreamStats()
 
         self.limits = VocabularyLimits(
             max_classes=self.get_parameter("max_classes").value,
@@ -86,6 +91,7 @@ class OvsegNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self._slot: _Frame | None = None
+        self._last_refusal: tuple[str, float] = ("", 0.0)
         self._frame_headers: dict[tuple[int, int], object] = {}
         self._slot_cond = threading.Condition()
         self._running = True
@@ -113,6 +119,9 @@ class OvsegNode(Node):
         declare("prompt_templates", list(DEFAULT_TEMPLATES), "prompt templates, each with one '{}'")
         declare("max_classes", 1000, "largest vocabulary accepted", read_only=True)
         declare("max_name_length", 128, "longest class name accepted", read_only=True)
+        declare("input_type", "raw", "raw: sensor_msgs/Image on `image`; compressed: CompressedImage (jpeg, png) "
+                "on `image/compressed`", read_only=True)
+        declare("max_image_pixels", 4096 * 4096, "larger frames are refused (protects memory on a robot)")
         declare("image_qos", "sensor_data", "QoS of the image subscription: sensor_data or default", read_only=True)
         declare("qos_depth", 1, "queue depth of the image subscription", read_only=True)
         declare("publish_overlay", True, "publish the rgb8 colour overlay for rviz")
@@ -171,6 +180,8 @@ class OvsegNode(Node):
                              durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
         self.pub_label_info = self.create_publisher(LabelInfo, "label_info", latched)
         self.pub_instances = self.create_publisher(Segmentation, "instances", 2)
+        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(1.0, self._publish_diagnostics)
 
     def _setup_subscriptions_and_services(self) -> None:
         qos_name = self.get_parameter("image_qos").value
@@ -183,7 +194,13 @@ class OvsegNode(Node):
             qos = QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
         else:
             raise ValueError(f"image_qos must be 'sensor_data' or 'default', got {qos_name!r}")
-        self.create_subscription(Image, "image", self._on_image, qos)
+        input_type = self.get_parameter("input_type").value
+        if input_type == "raw":
+            self.create_subscription(Image, "image", self._on_image, qos)
+        elif input_type == "compressed":
+            self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos)
+        else:
+            raise ValueError(f"input_type must be 'raw' or 'compressed', got {input_type!r}")
         services = MutuallyExclusiveCallbackGroup()  # text encoding never blocks the image callback
         self.create_service(SetVocabulary, "set_vocabulary", self._on_set_vocabulary, callback_group=services)
         self.create_service(GetVocabulary, "get_vocabulary", self._on_get_vocabulary, callback_group=services)
@@ -192,11 +209,9 @@ class OvsegNode(Node):
                                 callback_group=MutuallyExclusiveCallbackGroup())
 
     # ------------------------------------------------------------------ callbacks
-    def _on_image(self, msg: Image) -> None:
+    def _on_image(self, msg: Image | CompressedImage) -> None:
         with self._slot_cond:
-            self.frames_received += 1
-            if self._slot is not None:
-                self.frames_dropped += 1
+            self.stats.on_received(replaced_unprocessed=self._slot is not None)
             self._slot = _Frame(msg, time.monotonic())
             self._slot_cond.notify()
 
@@ -261,14 +276,25 @@ class OvsegNode(Node):
             try:
                 self._process(frame)
             except ImageError as exc:
-                self.frames_rejected += 1
-                self.get_logger().warning(f"frame refused: {exc}", throttle_duration_sec=2.0)
+                self._report_refusal(f"frame refused: {exc}", error=False)
             except Exception as exc:  # one bad frame must never stop the stream
-                self.frames_rejected += 1
-                self.get_logger().error(f"frame failed: {exc!r}", throttle_duration_sec=2.0)
+                self._report_refusal(f"frame failed: {exc!r}", error=True)
+
+    def _report_refusal(self, message: str, error: bool) -> None:
+        """Count every refusal; log a new reason at once, repeats of the same reason at most every 5 s."""
+        self.stats.on_rejected(message)
+        now = time.monotonic()
+        if message == self._last_refusal[0] and now - self._last_refusal[1] < 5.0:
+            return
+        self._last_refusal = (message, now)
+        (self.get_logger().error if error else self.get_logger().warning)(message)
 
     def _process(self, frame: _Frame) -> None:
-        rgb = image_to_rgb(frame.msg)
+        limit = int(self.get_parameter("max_image_pixels").value)
+        if isinstance(frame.msg, CompressedImage):
+            rgb = compressed_to_rgb(frame.msg, max_pixels=limit)
+        else:
+            rgb = image_to_rgb(frame.msg, max_pixels=limit)
         prepared = self._prepared  # one reference for the whole frame: outputs never mix versions
         result = self.segmenter.segment(rgb, prepared)
         self._publish(frame.msg, rgb, result, prepared)
@@ -280,7 +306,7 @@ class OvsegNode(Node):
                 self._frame_headers.pop(next(iter(self._frame_headers)))
             if self.get_parameter("segment_everything").value:
                 self._publish_everything(frame.msg.header, prepared)
-        self.frames_processed += 1
+        self.stats.on_processed(frame.received)
 
     def _publish(self, source: Image, rgb, result: SegmentationResult, prepared: PreparedVocabulary) -> None:
         header = source.header
@@ -367,6 +393,13 @@ class OvsegNode(Node):
         msg.class_scores = [a.label_scores[0] for a in answers]
         msg.class_areas = [float(a.mask.mean()) for a in answers]
         self.pub_instances.publish(msg)
+
+    def _publish_diagnostics(self) -> None:
+        extra = {"vocabulary_version": str(self._prepared.version), "classes": str(len(self._prepared.vocabulary)),
+                 "device": str(self.segmenter.encoder.device), "backend": "torch",
+                 "model": self.segmenter.encoder.model_id}
+        self.pub_diagnostics.publish(diagnostic_array(self.get_clock().now().to_msg(), self.get_fully_qualified_name(),
+                                                      self.stats.snapshot(), extra, self.stats.last_error))
 
     def _publish_label_info(self) -> None:
         vocabulary = self._prepared.vocabulary

@@ -57,7 +57,7 @@ def node_command(module: str, node_name: str | None = None, params: dict | None 
     if node_name:
         cmd += ["-r", f"__node:={node_name}"]
     if namespace:
-        cmd += ["-r", f"__ns:={namespace}"]
+        cmd += ["-r", f"__ns:={namespace if namespace.startswith('/') else '/' + namespace}"]
     if params_file:
         cmd += ["--params-file", params_file]
     for key, value in (params or {}).items():
@@ -74,6 +74,11 @@ def format_param(value) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(format_param(v) if not isinstance(v, str) else f"'{v}'" for v in value) + "]"
+    if isinstance(value, str):
+        import yaml
+
+        parsed = yaml.safe_load(value) if value else None
+        return value if isinstance(parsed, str) and ":" not in value else f"'{value}'"
     return str(value)
 
 

@@ -30,7 +30,7 @@ from rclpy.qos import (  # noqa: E402
 )
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-from ovseg_interfaces.msg import LabelInfo, Segmentation  # noqa: E402
+from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentation  # noqa: E402
 from ovseg_interfaces.srv import GetVocabulary, SegmentPrompt, SetVocabulary  # noqa: E402
 
 from .core.dense import DenseConfig, DenseSegmenter, PreparedVocabulary, SegmentationResult  # noqa: E402
@@ -40,9 +40,12 @@ from .core.registry import ModelError, load_clip, load_sam  # noqa: E402
 from .core.text_cache import TextEmbeddingCache  # noqa: E402
 from .core.vocabulary import (  # noqa: E402
     DEFAULT_TEMPLATES,
+    Vocabulary,
     VocabularyError,
     VocabularyLimits,
+    load_vocabulary,
     make_vocabulary,
+    save_vocabulary,
 )
 from .diagnostics import StreamStats, diagnostic_array  # noqa: E402
 from .image_conversions import (  # noqa: E402
@@ -78,11 +81,7 @@ class OvsegNode(Node):
         )
         self.segmenter = self._load_segmenter()
         self.prompter = self._load_prompter()
-        vocabulary = make_vocabulary(
-            list(self.get_parameter("vocabulary").value),
-            list(self.get_parameter("prompt_templates").value),
-            limits=self.limits,
-        )
+        vocabulary = self._initial_vocabulary()
         self._prepared: PreparedVocabulary = self.segmenter.prepare(vocabulary)
         self._vocab_lock = threading.Lock()  # serialises changes; readers just take the reference
 
@@ -117,6 +116,8 @@ class OvsegNode(Node):
         declare("score_threshold", 0.0, "pixels whose class probability is below this are unlabelled (65535)")
         declare("vocabulary", list(DEFAULT_VOCABULARY), "initial class names (';' separates synonyms)")
         declare("prompt_templates", list(DEFAULT_TEMPLATES), "prompt templates, each with one '{}'")
+        declare("vocabulary_file", "", "JSON file the vocabulary is saved to on every change and restored from "
+                "at start; empty = no persistence", read_only=True)
         declare("max_classes", 1000, "largest vocabulary accepted", read_only=True)
         declare("max_name_length", 128, "longest class name accepted", read_only=True)
         declare("input_type", "raw", "raw: sensor_msgs/Image on `image`; compressed: CompressedImage (jpeg, png) "
@@ -137,6 +138,20 @@ class OvsegNode(Node):
         declare("everything_points_per_side", 16, "point grid of the segment-everything mode", read_only=True)
         declare("text_cache_dir", "", "directory for the on-disk text-embedding cache; empty = memory only",
                 read_only=True)
+
+    def _initial_vocabulary(self) -> Vocabulary:
+        """The persisted vocabulary if there is a valid one (a restart keeps what the operator set)."""
+        path = self.get_parameter("vocabulary_file").value
+        if path and os.path.exists(path):
+            try:
+                vocabulary = load_vocabulary(path, self.limits)
+                self.get_logger().info(f"restored vocabulary v{vocabulary.version} ({len(vocabulary)} classes) "
+                                       f"from {path}")
+                return vocabulary
+            except VocabularyError as exc:
+                self.get_logger().error(f"{exc}; using the `vocabulary` parameter instead")
+        return make_vocabulary(list(self.get_parameter("vocabulary").value),
+                               list(self.get_parameter("prompt_templates").value), limits=self.limits)
 
     def _load_segmenter(self) -> DenseSegmenter:
         name = self.get_parameter("clip_model").value
@@ -205,8 +220,11 @@ class OvsegNode(Node):
         self.create_service(SetVocabulary, "set_vocabulary", self._on_set_vocabulary, callback_group=services)
         self.create_service(GetVocabulary, "get_vocabulary", self._on_get_vocabulary, callback_group=services)
         if self.prompter is not None:
+            prompts_group = MutuallyExclusiveCallbackGroup()
             self.create_service(SegmentPrompt, "segment_prompt", self._on_segment_prompt,
-                                callback_group=MutuallyExclusiveCallbackGroup())
+                                callback_group=prompts_group)
+            self.pub_prompt_result = self.create_publisher(PromptResult, "prompt_result", 10)
+            self.create_subscription(PromptQuery, "prompt", self._on_prompt_topic, 10, callback_group=prompts_group)
 
     # ------------------------------------------------------------------ callbacks
     def _on_image(self, msg: Image | CompressedImage) -> None:
@@ -241,10 +259,20 @@ class OvsegNode(Node):
                 self.get_logger().error(f"set_vocabulary failed while embedding: {exc!r}")
                 return False, f"embedding the vocabulary failed: {exc}", current.version
             self._prepared = prepared
+            self._persist(vocabulary)
         self._publish_label_info()
         message = f"vocabulary v{vocabulary.version}: {len(vocabulary)} classes"
         self.get_logger().info(message)
         return True, message, vocabulary.version
+
+    def _persist(self, vocabulary: Vocabulary) -> None:
+        path = self.get_parameter("vocabulary_file").value
+        if not path:
+            return
+        try:
+            save_vocabulary(vocabulary, path)
+        except OSError as exc:  # the change itself succeeded; say that persistence did not
+            self.get_logger().error(f"could not save the vocabulary to {path}: {exc}")
 
     def _on_set_parameters(self, params) -> SetParametersResult:
         for param in params:
@@ -338,6 +366,18 @@ class OvsegNode(Node):
             response.success, response.message = False, f"segment_prompt failed: {exc!r}"
             self.get_logger().error(response.message)
         return response
+
+    def _on_prompt_topic(self, query: PromptQuery) -> None:
+        request = SegmentPrompt.Request()
+        request.stamp = query.header.stamp
+        for name in ("points", "point_labels", "point_groups", "boxes", "vocabulary", "multimask", "crop_fusion"):
+            setattr(request, name, getattr(query, name))
+        response = self._on_segment_prompt(request, SegmentPrompt.Response())
+        result = PromptResult(request_id=query.request_id)
+        for name in ("success", "message", "header", "masks", "labels", "label_scores", "mask_scores",
+                     "vocabulary_version", "top_k", "top_labels", "top_scores"):
+            setattr(result, name, getattr(response, name))
+        self.pub_prompt_result.publish(result)
 
     def _answer_prompt(self, request: SegmentPrompt.Request, response: SegmentPrompt.Response) -> None:
         prepared = self._prepared

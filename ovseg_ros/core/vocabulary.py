@@ -124,3 +124,32 @@ def make_vocabulary(
         clean_templates = validate_templates(templates, limits)
     version = previous.version + 1 if previous is not None else 1
     return Vocabulary(labels=clean_labels, templates=clean_templates, version=version)
+
+
+def save_vocabulary(vocabulary: Vocabulary, path: str) -> None:
+    """Persist atomically (write, then rename), so a crash mid-write never leaves a broken file."""
+    import json
+    import os
+
+    tmp = f"{path}.tmp"
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(tmp, "w") as handle:
+        json.dump({"labels": list(vocabulary.labels), "prompt_templates": list(vocabulary.templates),
+                   "vocabulary_version": vocabulary.version}, handle, indent=1)
+    os.replace(tmp, path)
+
+
+def load_vocabulary(path: str, limits: VocabularyLimits = VocabularyLimits()) -> Vocabulary:
+    """Read a persisted vocabulary; VocabularyError if missing fields or invalid (the caller falls back)."""
+    import json
+
+    try:
+        with open(path) as handle:
+            data = json.load(handle)
+        labels = validate_labels(data["labels"], limits)
+        templates = validate_templates(data["prompt_templates"], limits)
+        version = int(data["vocabulary_version"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VocabularyError(f"cannot restore the vocabulary from {path}: {exc}") from exc
+    return Vocabulary(labels=labels, templates=templates, version=max(1, version))

@@ -1,0 +1,153 @@
+"""launch/ovseg.launch.py as ros2 launch would run it (launch/launch_ros are not installable here).
+
+The launch file is loaded with small stand-ins for the launch classes that only record what it declares; the
+node command line launch_ros would build from those declarations is then started for real, and the running ROS
+graph is checked through rclpy. The rviz config is checked to name topics the node publishes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import yaml
+
+from ovseg_ros.runtime import Process, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Recorded:
+    def __init__(self, *args, **kwargs) -> None:
+        self.args, self.kwargs = args, kwargs
+
+
+class LaunchConfiguration(Recorded):
+    pass
+
+
+def stand_in_modules() -> dict[str, types.ModuleType]:
+    modules = {}
+    for name in ("launch", "launch.actions", "launch.conditions", "launch.substitutions", "launch_ros",
+                 "launch_ros.actions", "ament_index_python", "ament_index_python.packages"):
+        modules[name] = types.ModuleType(name)
+    modules["launch"].LaunchDescription = type("LaunchDescription", (Recorded,), {})
+    for action in ("DeclareLaunchArgument", "SetEnvironmentVariable"):
+        setattr(modules["launch.actions"], action, type(action, (Recorded,), {}))
+    modules["launch.conditions"].IfCondition = type("IfCondition", (Recorded,), {})
+    modules["launch.substitutions"].LaunchConfiguration = LaunchConfiguration
+    modules["launch_ros.actions"].Node = type("Node", (Recorded,), {})
+    modules["ament_index_python.packages"].get_package_share_directory = lambda package: str(ROOT)
+    return modules
+
+
+def load_launch_description():
+    saved = {name: sys.modules.get(name) for name in stand_in_modules()}
+    sys.modules.update(stand_in_modules())
+    try:
+        spec = importlib.util.spec_from_file_location("ovseg_launch", ROOT / "launch" / "ovseg.launch.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.generate_launch_description()
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def resolve(value, arguments: dict[str, str]):
+    if isinstance(value, LaunchConfiguration):
+        return arguments[value.args[0]]
+    if isinstance(value, (list, tuple)):
+        return type(value)(resolve(v, arguments) for v in value)
+    return value
+
+
+def command_line(node, arguments: dict[str, str]) -> list[str]:
+    """What launch_ros builds for a Node action: the executable, then --ros-args with name, namespace, params
+    file, remaps and the extra arguments."""
+    kw = node.kwargs
+    executable = Path(sys.executable).parent / kw["executable"]  # lib/ovseg_ros/<exe> on a robot
+    cmd = [str(executable)]
+    extra = [resolve(a, arguments) for a in kw.get("arguments", [])]
+    cmd += ["--ros-args", "-r", f"__node:={kw['name']}"]
+    namespace = resolve(kw.get("namespace", ""), arguments)
+    if namespace:
+        cmd += ["-r", f"__ns:={namespace if namespace.startswith('/') else '/' + namespace}"]
+    for params_file in kw.get("parameters", []):
+        cmd += ["--params-file", resolve(params_file, arguments)]
+    for old, new in kw.get("remappings", []):
+        cmd += ["-r", f"{old}:={resolve(new, arguments)}"]
+    return cmd + [a for a in extra if a != "--ros-args"]
+
+
+def test_launch_file_declares_what_the_readme_says():
+    description = load_launch_description()
+    entities = description.args[0]
+    declared = {e.args[0]: e.kwargs["default_value"] for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
+    assert set(declared) == {"camera", "namespace", "params_file", "log_level", "use_fastdds_profile"}
+    assert declared["camera"] == "/camera/image_raw"
+    assert Path(declared["params_file"]).is_file()
+    env = {e.args[0]: e.args[1] for e in entities if type(e).__name__ == "SetEnvironmentVariable"}
+    assert Path(env["FASTDDS_DEFAULT_PROFILES_FILE"]).is_file() and env["HF_HUB_OFFLINE"] == "1"
+    nodes = [e for e in entities if type(e).__name__ == "Node"]
+    assert len(nodes) == 1 and nodes[0].kwargs["package"] == "ovseg_ros"
+    assert nodes[0].kwargs["executable"] == "ovseg_node"
+    params = yaml.safe_load(Path(declared["params_file"]).read_text())["/**"]["ros__parameters"]
+    assert params["image_qos"] == "sensor_data" and params["clip_model"] == "ovseg-demo-clip"
+
+
+def test_the_declared_command_line_runs_and_builds_the_expected_graph(tmp_path, ros):
+    import rclpy
+
+    description = load_launch_description()
+    entities = description.args[0]
+    declared = {e.args[0]: e.kwargs["default_value"] for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
+    # A quick-to-load variant of the shipped params file: same keys, the random-init model and no SAM.
+    params = yaml.safe_load(Path(declared["params_file"]).read_text())
+    params["/**"]["ros__parameters"].update(clip_model="ovseg-demo-vit", sam_model="")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    arguments = {**declared, "camera": "/front_camera/color/image_raw", "namespace": "front",
+                 "params_file": str(params_file), "log_level": "info"}
+    node = next(e for e in entities if type(e).__name__ == "Node")
+    env = dict(os.environ)
+    env.update({e.args[0]: e.args[1] for e in entities if type(e).__name__ == "SetEnvironmentVariable"})
+    proc = Process(command_line(node, arguments), env, tmp_path / "launched.log")
+    probe = rclpy.create_node("launch_probe")
+    try:
+        def graph_ready() -> bool:  # the node appears first; its services last, once the models are loaded
+            if ("ovseg", "/front") not in probe.get_node_names_and_namespaces():
+                return False
+            return "/front/get_vocabulary" in dict(probe.get_service_names_and_types_by_node("ovseg", "/front"))
+
+        assert wait_until(graph_ready, 60, interval=0.2), proc.output()
+        time.sleep(0.5)
+        subs = dict(probe.get_subscriber_names_and_types_by_node("ovseg", "/front"))
+        pubs = dict(probe.get_publisher_names_and_types_by_node("ovseg", "/front"))
+        services = dict(probe.get_service_names_and_types_by_node("ovseg", "/front"))
+        assert subs["/front_camera/color/image_raw"] == ["sensor_msgs/msg/Image"]
+        for topic, kind in (("/front/labels", "sensor_msgs/msg/Image"), ("/front/overlay", "sensor_msgs/msg/Image"),
+                            ("/front/segmentation", "ovseg_interfaces/msg/Segmentation"),
+                            ("/front/label_info", "ovseg_interfaces/msg/LabelInfo"),
+                            ("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray")):
+            assert pubs.get(topic) == [kind], (topic, pubs)
+        assert services["/front/set_vocabulary"] == ["ovseg_interfaces/srv/SetVocabulary"]
+        assert services["/front/get_vocabulary"] == ["ovseg_interfaces/srv/GetVocabulary"]
+    finally:
+        probe.destroy_node()
+        assert proc.stop() == 0, proc.output()
+
+
+def test_rviz_config_shows_topics_the_node_publishes():
+    config = yaml.safe_load((ROOT / "config" / "ovseg.rviz").read_text())
+    displays = config["Visualization Manager"]["Displays"]
+    topics = {d["Topic"]["Value"] for d in displays if "Topic" in d}
+    assert topics == {"/overlay", "/labels"}
+    assert all(d["Class"].startswith("rviz_default_plugins/") for d in displays)

@@ -1,7 +1,7 @@
 """Launch ovseg_node for one camera.
 
     ros2 launch ovseg_ros ovseg.launch.py camera:=/camera/image_raw [namespace:=front] \
-        [params_file:=/path/to/ovseg.yaml] [log_level:=info] [use_fastdds_profile:=true]
+        [params_file:=/path/to/ovseg.yaml] [log_level:=info] [autostart:=true] [use_fastdds_profile:=true]
 
 One node per camera: give each camera its own namespace (outputs then live under /<namespace>/...).
 """
@@ -26,6 +26,8 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "ovseg.yaml"),
                               description="ROS 2 parameters file for ovseg_node"),
         DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error"),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="true: configure+activate at start; false: wait for lifecycle transitions"),
         DeclareLaunchArgument("use_fastdds_profile", default_value="true",
                               description="load config/fastdds.xml (16 MiB shared-memory segments for images)"),
         SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", os.path.join(share, "config", "fastdds.xml"),
@@ -36,7 +38,7 @@ def generate_launch_description() -> LaunchDescription:
             executable="ovseg_node",
             name="ovseg",
             namespace=LaunchConfiguration("namespace"),
-            parameters=[LaunchConfiguration("params_file")],
+            parameters=[LaunchConfiguration("params_file"), {"autostart": LaunchConfiguration("autostart")}],
             remappings=[("image", LaunchConfiguration("camera"))],
             arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
             output="screen",

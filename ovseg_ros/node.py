@@ -7,6 +7,7 @@ atomically, so every output carries exactly one vocabulary version.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -15,12 +16,14 @@ from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
+import torch  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult  # noqa: E402
+from rcl_interfaces.msg import SetParametersResult  # noqa: E402
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup  # noqa: E402
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor  # noqa: E402
-from rclpy.node import Node  # noqa: E402
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn  # noqa: E402
 from rclpy.qos import (  # noqa: E402
     DurabilityPolicy,
     HistoryPolicy,
@@ -39,7 +42,6 @@ from .core.prompt import PromptError, PromptSegmenter  # noqa: E402
 from .core.registry import ModelError, load_clip, load_sam  # noqa: E402
 from .core.text_cache import TextEmbeddingCache  # noqa: E402
 from .core.vocabulary import (  # noqa: E402
-    DEFAULT_TEMPLATES,
     Vocabulary,
     VocabularyError,
     VocabularyLimits,
@@ -56,89 +58,132 @@ from .image_conversions import (  # noqa: E402
     mono16_to_image,
     rgb_to_image,
 )
+from .parameters import SPEC_BY_NAME, SPECS  # noqa: E402
 from .prompt_requests import prompts_from_request  # noqa: E402
-
-DEFAULT_VOCABULARY = ("grass", "water", "sky", "wall", "sand", "red circle", "blue square", "yellow triangle")
 
 
 @dataclass
 class _Frame:
-    msg: Image
+    msg: Image | CompressedImage
     received: float
 
 
-class OvsegNode(Node):
-    """Dense open-vocabulary segmentation of a camera stream, with a run-time vocabulary."""
+class OvsegNode(LifecycleNode):
+    """Dense open-vocabulary segmentation of a camera stream, with a run-time vocabulary and prompts.
+
+    A lifecycle node: configure loads and warms up the models, activate subscribes to the camera, deactivate
+    unsubscribes, cleanup releases the models. With `autostart` (the default) it does configure + activate by
+    itself, like a plain node.
+    """
 
     def __init__(self, **kwargs) -> None:
         super().__init__("ovseg", **kwargs)
-        self._declare_parameters()
-        self.stats = StreamStats()
-
-        self.limits = VocabularyLimits(
-            max_classes=self.get_parameter("max_classes").value,
-            max_name_length=self.get_parameter("max_name_length").value,
-        )
-        self.segmenter = self._load_segmenter()
-        self.prompter = self._load_prompter()
-        vocabulary = self._initial_vocabulary()
-        self._prepared: PreparedVocabulary = self.segmenter.prepare(vocabulary)
-        self._vocab_lock = threading.Lock()  # serialises changes; readers just take the reference
-
-        self._setup_publishers()
-        self._setup_subscriptions_and_services()
+        for spec in SPECS:
+            self.declare_parameter(spec.name, spec.default, spec.descriptor())
         self.add_on_set_parameters_callback(self._on_set_parameters)
-
+        self.stats = StreamStats()
+        self.limits = VocabularyLimits(max_classes=self.get_parameter("max_classes").value,
+                                       max_name_length=self.get_parameter("max_name_length").value)
+        self.segmenter: DenseSegmenter | None = None
+        self.prompter: PromptSegmenter | None = None
+        self._prepared: PreparedVocabulary | None = None
+        self._vocab_lock = threading.Lock()  # serialises changes; readers just take the reference
         self._slot: _Frame | None = None
-        self._last_refusal: tuple[str, float] = ("", 0.0)
-        self._frame_headers: dict[tuple[int, int], object] = {}
         self._slot_cond = threading.Condition()
+        self._last_refusal: tuple[str, float] = ("", 0.0)
+        self._last_processed = 0.0
+        self._frame_headers: dict[tuple[int, int], object] = {}
+        self._worker: threading.Thread | None = None
+        self._running = False
+        self._image_sub = None
+        self._configured_entities: list = []
+        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(1.0, self._publish_diagnostics)
+        self.configure_failed = False
+        if self.get_parameter("autostart").value:
+            if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+                self.configure_failed = True
+            else:
+                self.trigger_activate()
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        try:
+            self.segmenter = self._load_segmenter()
+            self.prompter = self._load_prompter()
+            vocabulary = self._initial_vocabulary()
+            self._prepared = self.segmenter.prepare(vocabulary)
+            self._warm_up()
+        except (ModelError, VocabularyError, ValueError) as exc:
+            self.get_logger().fatal(f"configure failed: {exc}")
+            self._release_models()
+            return TransitionCallbackReturn.FAILURE
+        self._setup_publishers()
+        self._setup_services()
         self._running = True
         self._worker = threading.Thread(target=self._work_loop, name="ovseg-worker", daemon=True)
         self._worker.start()
-        self._publish_label_info()
         self.get_logger().info(
-            f"ready: model {self.segmenter.encoder.model_id} on {self.segmenter.encoder.device}, "
-            f"{len(vocabulary)} classes (vocabulary v{vocabulary.version}), variant {self.segmenter.config.variant}"
-        )
+            f"configured: model {self.segmenter.encoder.model_id} on {self.segmenter.encoder.device}, "
+            f"{len(vocabulary)} classes (vocabulary v{vocabulary.version}), variant {self.segmenter.config.variant}, "
+            f"prompts {'on' if self.prompter else 'off'}")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._image_sub = self._create_image_subscription()
+        result = super().on_activate(state)
+        self._publish_label_info()
+        self.get_logger().info("active: segmenting the camera stream")
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self._image_sub is not None:
+            self.destroy_subscription(self._image_sub)
+            self._image_sub = None
+        with self._slot_cond:
+            self._slot = None
+        self.get_logger().info("inactive: camera unsubscribed")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_worker()
+        for kind, entity in self._configured_entities:
+            if kind == "service":
+                self.destroy_service(entity)
+            elif kind == "publisher":
+                self.destroy_lifecycle_publisher(entity)
+            else:
+                self.destroy_subscription(entity)
+        self._configured_entities.clear()
+        self._release_models()
+        self.get_logger().info("cleaned up: models released")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_worker()
+        self._release_models()
+        return TransitionCallbackReturn.SUCCESS
+
+    def _release_models(self) -> None:
+        self.segmenter = self.prompter = None
+        self._prepared = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _warm_up(self) -> None:
+        """One pass at start so the first camera frame does not pay for lazy initialisation."""
+        self.segmenter.segment(np.zeros((64, 64, 3), np.uint8), self._prepared)
+
+    def _stop_worker(self) -> None:
+        with self._slot_cond:
+            self._running = False
+            self._slot_cond.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout=10.0)
+            self._worker = None
 
     # ------------------------------------------------------------------ set-up
-    def _declare_parameters(self) -> None:
-        def declare(name: str, value, description: str, read_only: bool = False) -> None:
-            self.declare_parameter(name, value, ParameterDescriptor(description=description, read_only=read_only))
-
-        declare("clip_model", "ovseg-demo-clip",
-                "CLIP model: a models/manifest.yaml name, an open_clip architecture (random init), or ARCH:/path",
-                read_only=True)
-        declare("device", "cpu", "torch device: cpu, cuda, cuda:N", read_only=True)
-        declare("dense_variant", "plain", "last-block variant: plain, maskclip, clearclip, sclip, naclip")
-        declare("input_size", 0, "short side fed to the image tower in pixels; 0 = the model's native size")
-        declare("score_threshold", 0.0, "pixels whose class probability is below this are unlabelled (65535)")
-        declare("vocabulary", list(DEFAULT_VOCABULARY), "initial class names (';' separates synonyms)")
-        declare("prompt_templates", list(DEFAULT_TEMPLATES), "prompt templates, each with one '{}'")
-        declare("vocabulary_file", "", "JSON file the vocabulary is saved to on every change and restored from "
-                "at start; empty = no persistence", read_only=True)
-        declare("max_classes", 1000, "largest vocabulary accepted", read_only=True)
-        declare("max_name_length", 128, "longest class name accepted", read_only=True)
-        declare("input_type", "raw", "raw: sensor_msgs/Image on `image`; compressed: CompressedImage (jpeg, png) "
-                "on `image/compressed`", read_only=True)
-        declare("max_image_pixels", 4096 * 4096, "larger frames are refused (protects memory on a robot)")
-        declare("image_qos", "sensor_data", "QoS of the image subscription: sensor_data or default", read_only=True)
-        declare("qos_depth", 1, "queue depth of the image subscription", read_only=True)
-        declare("publish_overlay", True, "publish the rgb8 colour overlay for rviz")
-        declare("overlay_alpha", 0.5, "opacity of the class colours in the overlay")
-        declare("sam_model", "ovseg-demo-sam",
-                "SAM for prompts: a manifest name or ARCH:/path (demo, vit_b, vit_l, vit_h, vit_t); empty disables",
-                read_only=True)
-        declare("frame_cache_size", 4, "recent frames kept for prompt queries by stamp", read_only=True)
-        declare("eager_sam", False, "compute SAM's image embedding for every frame instead of on the first prompt",
-                read_only=True)
-        declare("prompt_top_k", 3, "labels returned per prompt", read_only=True)
-        declare("segment_everything", False, "also publish a point-grid instance segmentation (`instances`)")
-        declare("everything_points_per_side", 16, "point grid of the segment-everything mode", read_only=True)
-        declare("text_cache_dir", "", "directory for the on-disk text-embedding cache; empty = memory only",
-                read_only=True)
-
     def _initial_vocabulary(self) -> Vocabulary:
         """The persisted vocabulary if there is a valid one (a restart keeps what the operator set)."""
         path = self.get_parameter("vocabulary_file").value
@@ -155,76 +200,83 @@ class OvsegNode(Node):
 
     def _load_segmenter(self) -> DenseSegmenter:
         name = self.get_parameter("clip_model").value
-        device = self.get_parameter("device").value
-        try:
-            encoder = load_clip(name, device=device)
-        except ModelError as exc:
-            self.get_logger().fatal(str(exc))
-            raise
+        encoder = load_clip(name, device=self.get_parameter("device").value)
         if encoder.model_id.split("@")[1].startswith("random"):
             self.get_logger().warning(f"CLIP '{name}' runs with seeded random weights: the labels mean nothing")
-        config = DenseConfig(
-            variant=self.get_parameter("dense_variant").value,
-            input_size=self.get_parameter("input_size").value,
-            score_threshold=self.get_parameter("score_threshold").value,
-        )
         cache = TextEmbeddingCache(encoder.encode_text, encoder.model_id,
                                    self.get_parameter("text_cache_dir").value or None)
-        return DenseSegmenter(encoder, cache, config)
+        return DenseSegmenter(encoder, cache, self._dense_config({}))
+
+    def _dense_config(self, changes: dict) -> DenseConfig:
+        def value(name: str):
+            return changes[name] if name in changes else self.get_parameter(name).value
+
+        return DenseConfig(variant=value("dense_variant"), input_size=value("input_size"),
+                           score_threshold=value("score_threshold"), window_stride=value("window_stride"),
+                           selection_threshold=value("selection_threshold"),
+                           tag_validation_top_k=value("tag_validation_top_k"), refinement=value("refinement"),
+                           precision=value("precision"))
 
     def _load_prompter(self) -> PromptSegmenter | None:
         name = self.get_parameter("sam_model").value
         if not name:
             self.get_logger().info("sam_model is empty: segment_prompt is disabled")
             return None
-        try:
-            sam = load_sam(name, device=self.get_parameter("device").value)
-        except ModelError as exc:
-            self.get_logger().fatal(str(exc))
-            raise
+        sam = load_sam(name, device=self.get_parameter("device").value)
         return PromptSegmenter(sam, self.segmenter.encoder,
                                cache_size=self.get_parameter("frame_cache_size").value,
                                eager_sam=self.get_parameter("eager_sam").value,
                                top_k=self.get_parameter("prompt_top_k").value)
 
     def _setup_publishers(self) -> None:
-        self.pub_labels = self.create_publisher(Image, "labels", 2)
-        self.pub_segmentation = self.create_publisher(Segmentation, "segmentation", 2)
-        self.pub_overlay = self.create_publisher(Image, "overlay", 2)
+        def publisher(msg_type, topic: str, qos):
+            pub = self.create_lifecycle_publisher(msg_type, topic, qos)
+            self._configured_entities.append(("publisher", pub))
+            return pub
+
+        self.pub_labels = publisher(Image, "labels", 2)
+        self.pub_segmentation = publisher(Segmentation, "segmentation", 2)
+        self.pub_overlay = publisher(Image, "overlay", 2)
         latched = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
-        self.pub_label_info = self.create_publisher(LabelInfo, "label_info", latched)
-        self.pub_instances = self.create_publisher(Segmentation, "instances", 2)
-        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_timer(1.0, self._publish_diagnostics)
+        self.pub_label_info = publisher(LabelInfo, "label_info", latched)
+        self.pub_instances = publisher(Segmentation, "instances", 2)
+        self.pub_prompt_result = publisher(PromptResult, "prompt_result", 10)
 
-    def _setup_subscriptions_and_services(self) -> None:
-        qos_name = self.get_parameter("image_qos").value
+    def _image_qos(self) -> QoSProfile:
         depth = self.get_parameter("qos_depth").value
-        if qos_name == "sensor_data":
+        if self.get_parameter("image_qos").value == "sensor_data":
             qos = QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST,
                              reliability=qos_profile_sensor_data.reliability,
                              durability=qos_profile_sensor_data.durability)
-        elif qos_name == "default":
+        else:
             qos = QoSProfile(depth=depth, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE)
-        else:
-            raise ValueError(f"image_qos must be 'sensor_data' or 'default', got {qos_name!r}")
-        input_type = self.get_parameter("input_type").value
-        if input_type == "raw":
-            self.create_subscription(Image, "image", self._on_image, qos)
-        elif input_type == "compressed":
-            self.create_subscription(CompressedImage, "image/compressed", self._on_image, qos)
-        else:
-            raise ValueError(f"input_type must be 'raw' or 'compressed', got {input_type!r}")
+        override = self.get_parameter("image_reliability").value
+        if override:
+            qos.reliability = ReliabilityPolicy.RELIABLE if override == "reliable" else ReliabilityPolicy.BEST_EFFORT
+        return qos
+
+    def _create_image_subscription(self):
+        if self.get_parameter("input_type").value == "compressed":
+            return self.create_subscription(CompressedImage, "image/compressed", self._on_image, self._image_qos())
+        return self.create_subscription(Image, "image", self._on_image, self._image_qos())
+
+    def _setup_services(self) -> None:
         services = MutuallyExclusiveCallbackGroup()  # text encoding never blocks the image callback
-        self.create_service(SetVocabulary, "set_vocabulary", self._on_set_vocabulary, callback_group=services)
-        self.create_service(GetVocabulary, "get_vocabulary", self._on_get_vocabulary, callback_group=services)
+        self._configured_entities += [
+            ("service", self.create_service(SetVocabulary, "set_vocabulary", self._on_set_vocabulary,
+                                            callback_group=services)),
+            ("service", self.create_service(GetVocabulary, "get_vocabulary", self._on_get_vocabulary,
+                                            callback_group=services)),
+        ]
         if self.prompter is not None:
             prompts_group = MutuallyExclusiveCallbackGroup()
-            self.create_service(SegmentPrompt, "segment_prompt", self._on_segment_prompt,
-                                callback_group=prompts_group)
-            self.pub_prompt_result = self.create_publisher(PromptResult, "prompt_result", 10)
-            self.create_subscription(PromptQuery, "prompt", self._on_prompt_topic, 10, callback_group=prompts_group)
+            self._configured_entities += [
+                ("service", self.create_service(SegmentPrompt, "segment_prompt", self._on_segment_prompt,
+                                                callback_group=prompts_group)),
+                ("subscription", self.create_subscription(PromptQuery, "prompt", self._on_prompt_topic, 10,
+                                                          callback_group=prompts_group)),
+            ]
 
     # ------------------------------------------------------------------ callbacks
     def _on_image(self, msg: Image | CompressedImage) -> None:
@@ -275,21 +327,24 @@ class OvsegNode(Node):
             self.get_logger().error(f"could not save the vocabulary to {path}: {exc}")
 
     def _on_set_parameters(self, params) -> SetParametersResult:
+        """Refuse unknown choices and out-of-range values with a reason; apply dense settings atomically."""
+        changes = {}
         for param in params:
-            if param.name == "score_threshold" and not 0.0 <= float(param.value) <= 1.0:
-                return SetParametersResult(successful=False, reason="score_threshold must be in [0, 1]")
-            if param.name == "overlay_alpha" and not 0.0 <= float(param.value) <= 1.0:
-                return SetParametersResult(successful=False, reason="overlay_alpha must be in [0, 1]")
-            if param.name == "dense_variant":
-                try:
-                    DenseConfig(variant=param.value)
-                except ValueError as exc:
-                    return SetParametersResult(successful=False, reason=str(exc))
-        for param in params:
-            if param.name in ("score_threshold", "dense_variant", "input_size"):
-                fields = dict(self.segmenter.config.__dict__)
-                fields[param.name if param.name != "dense_variant" else "variant"] = param.value
-                self.segmenter.config = DenseConfig(**fields)
+            spec = SPEC_BY_NAME.get(param.name)
+            if spec is None:
+                continue
+            reason = spec.check(param.value)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+            changes[param.name] = param.value
+        dense_keys = {"dense_variant", "input_size", "score_threshold", "window_stride", "selection_threshold",
+                      "tag_validation_top_k", "refinement"}
+        if self.segmenter is not None and dense_keys & set(changes):
+            try:
+                config = self._dense_config(changes)
+            except ValueError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
+            self.segmenter.config = config  # one reference swap: a frame uses one config throughout
         return SetParametersResult(successful=True)
 
     # ------------------------------------------------------------------ worker
@@ -301,6 +356,12 @@ class OvsegNode(Node):
                 if not self._running:
                     return
                 frame, self._slot = self._slot, None
+            rate = self.get_parameter("max_rate_hz").value
+            if rate > 0:
+                wait = self._last_processed + 1.0 / rate - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+            self._last_processed = time.monotonic()
             try:
                 self._process(frame)
             except ImageError as exc:
@@ -435,9 +496,13 @@ class OvsegNode(Node):
         self.pub_instances.publish(msg)
 
     def _publish_diagnostics(self) -> None:
-        extra = {"vocabulary_version": str(self._prepared.version), "classes": str(len(self._prepared.vocabulary)),
-                 "device": str(self.segmenter.encoder.device), "backend": "torch",
-                 "model": self.segmenter.encoder.model_id}
+        prepared, segmenter = self._prepared, self.segmenter
+        extra = {"lifecycle_state": self._state_machine.current_state[1] if hasattr(self, "_state_machine")
+                 else "", "backend": self.get_parameter("backend").value,
+                 "precision": self.get_parameter("precision").value}
+        if prepared is not None and segmenter is not None:
+            extra.update(vocabulary_version=str(prepared.version), classes=str(len(prepared.vocabulary)),
+                         device=str(segmenter.encoder.device), model=segmenter.encoder.model_id)
         self.pub_diagnostics.publish(diagnostic_array(self.get_clock().now().to_msg(), self.get_fully_qualified_name(),
                                                       self.stats.snapshot(), extra, self.stats.last_error))
 
@@ -452,30 +517,29 @@ class OvsegNode(Node):
         self.pub_label_info.publish(msg)
 
     def stop(self) -> None:
-        with self._slot_cond:
-            self._running = False
-            self._slot_cond.notify_all()
-        self._worker.join(timeout=5.0)
+        self._stop_worker()
 
 
 def main(argv: list[str] | None = None) -> int:
     rclpy.init(args=argv if argv is not None else sys.argv)
     node = None
+    code = 0
     try:
         node = OvsegNode()
-        executor = MultiThreadedExecutor(num_threads=2)
-        executor.add_node(node)
-        executor.spin()
+        if node.configure_failed:
+            code = 1  # autostart could not load the models: the log says why
+        else:
+            executor = MultiThreadedExecutor(num_threads=3)
+            executor.add_node(node)
+            executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except ModelError:
-        return 1
     finally:
         if node is not None:
             node.stop()
             node.destroy_node()
         rclpy.try_shutdown()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

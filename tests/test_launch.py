@@ -80,8 +80,12 @@ def command_line(node, arguments: dict[str, str]) -> list[str]:
     namespace = resolve(kw.get("namespace", ""), arguments)
     if namespace:
         cmd += ["-r", f"__ns:={namespace if namespace.startswith('/') else '/' + namespace}"]
-    for params_file in kw.get("parameters", []):
-        cmd += ["--params-file", resolve(params_file, arguments)]
+    for entry in kw.get("parameters", []):
+        if isinstance(entry, dict):  # launch_ros passes dict entries as parameter overrides
+            for key, value in entry.items():
+                cmd += ["-p", f"{key}:={resolve(value, arguments)}"]
+        else:
+            cmd += ["--params-file", resolve(entry, arguments)]
     for old, new in kw.get("remappings", []):
         cmd += ["-r", f"{old}:={resolve(new, arguments)}"]
     return cmd + [a for a in extra if a != "--ros-args"]
@@ -91,7 +95,7 @@ def test_launch_file_declares_what_the_readme_says():
     description = load_launch_description()
     entities = description.args[0]
     declared = {e.args[0]: e.kwargs["default_value"] for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
-    assert set(declared) == {"camera", "namespace", "params_file", "log_level", "use_fastdds_profile"}
+    assert set(declared) == {"camera", "namespace", "params_file", "log_level", "autostart", "use_fastdds_profile"}
     assert declared["camera"] == "/camera/image_raw"
     assert Path(declared["params_file"]).is_file()
     env = {e.args[0]: e.args[1] for e in entities if type(e).__name__ == "SetEnvironmentVariable"}

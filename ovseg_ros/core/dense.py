@@ -18,6 +18,7 @@ from .text_cache import TextEmbeddingCache
 from .vocabulary import UNLABELLED, Vocabulary
 
 REFINEMENTS = ("none", "guided")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class DenseConfig:
     selection_min_classes: int = 1  # DCS never keeps fewer than this (best image-level scores)
     tag_validation_top_k: int = 0  # >0: relabel a region whose label is not in its mask-pooled top-k
     refinement: str = "none"  # "none" or "guided" (edge-aware guided filter on the class maps)
+    precision: str = "fp32"  # "fp32", or autocast to "bf16" (CPU matrix units) / "fp16" (CUDA)
 
     def __post_init__(self) -> None:
         if self.variant not in DENSE_VARIANTS:
@@ -48,6 +50,8 @@ class DenseConfig:
             raise ValueError(f"selection_threshold must be in [0, 1], got {self.selection_threshold}")
         if self.window_stride < 0 or self.tag_validation_top_k < 0 or self.selection_patch_top_k < 1:
             raise ValueError("window_stride and tag_validation_top_k must be >= 0, selection_patch_top_k >= 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.refinement not in REFINEMENTS:
             raise ValueError(f"refinement must be one of {', '.join(REFINEMENTS)}, got {self.refinement!r}")
 
@@ -115,6 +119,14 @@ class DenseSegmenter:
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, 3, H, W) normalised -> (global (1, D), dense (1, h, w, D)); sliding windows when configured."""
+        if self.config.precision != "fp32":
+            dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+            with torch.autocast(self.encoder.device.type, dtype=dtype):
+                global_emb, dense = self._encode(pixels)
+            return global_emb.float(), dense.float()
+        return self._encode(pixels)
+
+    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         native_h, native_w = self.encoder.native_size
         _, _, height, width = pixels.shape
         stride = self.config.window_stride

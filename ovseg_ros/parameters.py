@@ -1,0 +1,107 @@
+"""Every ovseg_node parameter in one table: default, description, range or choices, and whether it needs a reload.
+
+Declared with descriptors (so `ros2 param describe` explains them and rclpy enforces the ranges) and checked again
+in the set-parameters callback, which refuses bad values with a reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
+from .core.clip_dense import DENSE_VARIANTS
+from .core.dense import REFINEMENTS
+from .core.vocabulary import DEFAULT_TEMPLATES
+
+DEFAULT_VOCABULARY = ("grass", "water", "sky", "wall", "sand", "red circle", "blue square", "yellow triangle")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: object
+    description: str
+    read_only: bool = False  # a change needs a reload (reconfigure the lifecycle node instead)
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def descriptor(self) -> ParameterDescriptor:
+        text = self.description + (f" (one of: {', '.join(self.choices)})" if self.choices else "")
+        descriptor = ParameterDescriptor(description=text, read_only=self.read_only)
+        if self.low is not None and isinstance(self.default, bool) is False:
+            if isinstance(self.default, int):
+                descriptor.integer_range = [IntegerRange(from_value=int(self.low), to_value=int(self.high), step=1)]
+            elif isinstance(self.default, float):
+                descriptor.floating_point_range = [FloatingPointRange(from_value=float(self.low),
+                                                                      to_value=float(self.high), step=0.0)]
+        return descriptor
+
+    def check(self, value) -> str | None:
+        """None if acceptable, else the reason."""
+        if self.choices and value not in self.choices:
+            return f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}"
+        if self.low is not None and not isinstance(value, (bool, str, list)) and not self.low <= value <= self.high:
+            return f"{self.name} must be in [{self.low}, {self.high}], got {value}"
+        return None
+
+
+SPECS: tuple[ParamSpec, ...] = (
+    ParamSpec("autostart", True, "configure and activate at start-up; false = wait for lifecycle transitions",
+              read_only=True),
+    ParamSpec("clip_model", "ovseg-demo-clip",
+              "CLIP: a models/manifest.yaml name, an open_clip architecture (seeded random init), or ARCH:/path",
+              read_only=True),
+    ParamSpec("sam_model", "ovseg-demo-sam",
+              "SAM for prompts: a manifest name or ARCH:/path (demo, vit_b, vit_l, vit_h, vit_t); empty disables",
+              read_only=True),
+    ParamSpec("device", "cpu", "torch device: cpu, cuda, cuda:N", read_only=True),
+    ParamSpec("precision", "fp32", "model precision", read_only=True, choices=("fp32", "bf16", "fp16")),
+    ParamSpec("backend", "torch", "inference backend of the image tower", read_only=True, choices=("torch",)),
+    ParamSpec("engine_cache_dir", "", "directory for compiled engines/exports; empty = ~/.cache/ovseg_ros/engines",
+              read_only=True),
+    ParamSpec("dense_variant", "plain", "last-block variant of the dense CLIP pass", choices=DENSE_VARIANTS),
+    ParamSpec("input_size", 0, "short side fed to the image tower in pixels; 0 = the model's native size",
+              low=0, high=2048),
+    ParamSpec("window_stride", 0, "sliding-window stride in model pixels for inputs above the native size; 0 = off",
+              low=0, high=2048),
+    ParamSpec("score_threshold", 0.0, "pixels whose class probability is below this are unlabelled (65535)",
+              low=0.0, high=1.0),
+    ParamSpec("selection_threshold", 0.0, "dynamic category selection tau (relative to the best class); 0 = off",
+              low=0.0, high=1.0),
+    ParamSpec("tag_validation_top_k", 0, "tag validation: relabel a region whose label is not in its pooled top-k; "
+              "0 = off", low=0, high=100),
+    ParamSpec("refinement", "none", "edge-aware refinement of the class maps", choices=REFINEMENTS),
+    ParamSpec("vocabulary", list(DEFAULT_VOCABULARY), "initial class names (';' separates synonyms)", read_only=True),
+    ParamSpec("prompt_templates", list(DEFAULT_TEMPLATES), "initial prompt templates, each with one '{}'",
+              read_only=True),
+    ParamSpec("vocabulary_file", "", "JSON file the vocabulary is saved to on every change and restored from at "
+              "start; empty = no persistence", read_only=True),
+    ParamSpec("max_classes", 1000, "largest vocabulary accepted", read_only=True, low=1, high=100000),
+    ParamSpec("max_name_length", 128, "longest class name accepted", read_only=True, low=1, high=4096),
+    ParamSpec("input_type", "raw", "raw: sensor_msgs/Image on `image`; compressed: CompressedImage (jpeg, png) on "
+              "`image/compressed`", read_only=True, choices=("raw", "compressed")),
+    ParamSpec("max_image_pixels", 4096 * 4096, "larger frames are refused (protects memory)", low=1,
+              high=7680 * 4320),
+    ParamSpec("image_qos", "sensor_data", "QoS of the image subscription", read_only=True,
+              choices=("sensor_data", "default")),
+    ParamSpec("image_reliability", "", "override the reliability of image_qos; empty = the profile's",
+              read_only=True, choices=("", "best_effort", "reliable")),
+    ParamSpec("qos_depth", 1, "queue depth of the image subscription", read_only=True, low=1, high=100),
+    ParamSpec("max_rate_hz", 0.0, "process at most this many frames per second; 0 = as fast as possible",
+              low=0.0, high=1000.0),
+    ParamSpec("publish_overlay", True, "publish the rgb8 colour overlay for rviz"),
+    ParamSpec("overlay_alpha", 0.5, "opacity of the class colours in the overlay", low=0.0, high=1.0),
+    ParamSpec("frame_cache_size", 4, "recent frames kept for prompt queries by stamp", read_only=True, low=1,
+              high=64),
+    ParamSpec("eager_sam", False, "compute SAM's image embedding for every frame, not on the first prompt",
+              read_only=True),
+    ParamSpec("prompt_top_k", 3, "labels returned per prompt", read_only=True, low=1, high=20),
+    ParamSpec("segment_everything", False, "also publish a point-grid instance segmentation on `instances`"),
+    ParamSpec("everything_points_per_side", 16, "point grid of the segment-everything mode", read_only=True,
+              low=2, high=64),
+    ParamSpec("text_cache_dir", "", "directory for the on-disk text-embedding cache; empty = memory only",
+              read_only=True),
+)
+SPEC_BY_NAME = {spec.name: spec for spec in SPECS}

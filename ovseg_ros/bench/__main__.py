@@ -9,7 +9,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("accuracy", "speed", "prompt")
+    commands = ("accuracy", "speed", "prompt", "soak")
     if not argv or argv[0] not in commands:
         print(f"usage: ovseg-bench {{{'|'.join(commands)}}} [options]  (--help after the command for options)")
         return 2
@@ -18,8 +18,10 @@ def main(argv: list[str] | None = None) -> int:
         from .accuracy import main as run
     elif command == "speed":
         from .speed import main as run
-    else:
+    elif command == "prompt":
         from .prompt_speed import main as run
+    else:
+        from .soak import main as run
     return run(rest)
 
 

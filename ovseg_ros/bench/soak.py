@@ -1,0 +1,137 @@
+"""Flood / soak: a camera-rate stream of 640x480 frames into a real node process for a long time, printing the
+node's memory, latency and drop counters over time.
+
+    ovseg-bench soak [--minutes 10] [--rate 30] [--clip ovseg-demo-clip] [--json soak.json]
+
+The tests run the same flood for 60 s and check memory growth and counter consistency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..runtime import Process, node_command, ros_environment
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+@dataclass
+class FloodReport:
+    published: int = 0
+    publish_errors: int = 0
+    samples: list[dict] = field(default_factory=list)  # time, rss, diagnostics
+    outputs_received: int = 0
+    final: dict = field(default_factory=dict)
+
+
+def run_flood(proc: Process, client, seconds: float, rate: float, width: int = 640, height: int = 480,
+              sample_every: float = 5.0, printer=None) -> FloodReport:
+    """Publish frames at `rate` for `seconds` while sampling the node's RSS and its /diagnostics."""
+    from diagnostic_msgs.msg import DiagnosticArray
+    from std_msgs.msg import Header
+
+    from ..image_conversions import rgb_to_image
+    from ..synth.world import generate_scene
+
+    report = FloodReport()
+    client.subscribe("/diagnostics", DiagnosticArray, keep=5)
+    frames = [generate_scene(i, size=(height, width), split="eval").image for i in range(8)]
+    stop = threading.Event()
+
+    def publish() -> None:
+        period = 1.0 / rate
+        next_time = time.monotonic()
+        index = 0
+        while not stop.is_set():
+            header = Header(frame_id="camera")
+            header.stamp.sec, header.stamp.nanosec = 1_000_000 + index // 1000, (index % 1000) * 1000
+            try:
+                client.publish_image(rgb_to_image(frames[index % len(frames)], header))
+                report.published += 1
+            except Exception:  # rclpy can refuse a publish under load; count it, keep going
+                report.publish_errors += 1
+            index += 1
+            next_time += period
+            time.sleep(max(0.0, next_time - time.monotonic()))
+
+    def diagnostics() -> dict:
+        latest = client.received["/diagnostics"]
+        if not latest:
+            return {}
+        return {kv.key: kv.value for kv in latest[-1].status[0].values}
+
+    thread = threading.Thread(target=publish, daemon=True)
+    start = time.monotonic()
+    thread.start()
+    while time.monotonic() - start < seconds:
+        time.sleep(min(sample_every, max(0.0, seconds - (time.monotonic() - start))))
+        sample = {"t_s": round(time.monotonic() - start, 1), "rss_mb": round(rss_mb(proc.popen.pid), 1),
+                  "published": report.published, **diagnostics()}
+        report.samples.append(sample)
+        if printer:
+            printer(sample)
+    stop.set()
+    thread.join()
+    time.sleep(3.0)  # let the last frame finish and one more diagnostics message arrive
+    report.outputs_received = len(client.received["segmentation"])
+    report.final = {"rss_mb": round(rss_mb(proc.popen.pid), 1), **diagnostics()}
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=30.0)
+    parser.add_argument("--clip", default="ovseg-demo-clip")
+    parser.add_argument("--sam", default="")
+    parser.add_argument("--every", type=float, default=30.0, help="seconds between printed samples")
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    os.environ.update(ros_environment(domain_id=random.Random(os.getpid()).randint(30, 200),
+                                      log_dir=tempfile.mkdtemp(prefix="ovseg-soak-")))
+    from ..client import OvsegClient
+
+    log = Path(tempfile.mkdtemp(prefix="ovseg-soak-")) / "node.log"
+    proc = Process(node_command("ovseg_ros.node", "ovseg", params={"clip_model": args.clip,
+                                                                   "sam_model": args.sam}), dict(os.environ), log)
+    client = OvsegClient("", name="ovseg_soak", keep=50)
+    try:
+        if not client.wait_ready(120):
+            print(proc.output()[-3000:])
+            return 1
+        print(f"{'t_s':>7} {'rss_mb':>8} {'published':>9} {'received':>8} {'processed':>9} {'dropped':>7} "
+              f"{'p50_ms':>7} {'p95_ms':>7} {'out_hz':>6}")
+
+        def show(sample: dict) -> None:
+            print(f"{sample['t_s']:>7} {sample['rss_mb']:>8} {sample['published']:>9} "
+                  f"{sample.get('frames_received', '-'):>8} {sample.get('frames_processed', '-'):>9} "
+                  f"{sample.get('frames_dropped', '-'):>7} {sample.get('latency_p50_ms', '-'):>7} "
+                  f"{sample.get('latency_p95_ms', '-'):>7} {sample.get('output_rate_hz', '-'):>6}", flush=True)
+
+        report = run_flood(proc, client, args.minutes * 60, args.rate, sample_every=args.every, printer=show)
+        first = report.samples[0]["rss_mb"] if report.samples else float("nan")
+        print(f"RSS {first} -> {report.final['rss_mb']} MB (growth {report.final['rss_mb'] - first:+.1f} MB after "
+              f"the first sample); published {report.published}, final counters {report.final}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(report.__dict__, indent=1))
+        return 0
+    finally:
+        client.close()
+        proc.stop()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,6 +36,7 @@ from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentation  # noqa: E402
 from ovseg_interfaces.srv import GetVocabulary, SegmentPrompt, SetVocabulary  # noqa: E402
 
+from .core.backends import BackendUnavailable  # noqa: E402
 from .core.dense import DenseConfig, DenseSegmenter, PreparedVocabulary, SegmentationResult  # noqa: E402
 from .core.overlay import blend, draw_prompt_answers  # noqa: E402
 from .core.prompt import PromptError, PromptSegmenter  # noqa: E402
@@ -205,7 +206,15 @@ class OvsegNode(LifecycleNode):
             self.get_logger().warning(f"CLIP '{name}' runs with seeded random weights: the labels mean nothing")
         cache = TextEmbeddingCache(encoder.encode_text, encoder.model_id,
                                    self.get_parameter("text_cache_dir").value or None)
-        return DenseSegmenter(encoder, cache, self._dense_config({}))
+        engine_dir = self.get_parameter("engine_cache_dir").value or None
+        segmenter = DenseSegmenter(encoder, cache, self._dense_config({}), backend=self.get_parameter("backend").value,
+                                   engine_cache_dir=engine_dir)
+        try:
+            segmenter.runner()
+        except BackendUnavailable as exc:
+            raise ModelError(f"backend '{segmenter.backend}' cannot run here: {exc}") from exc
+        self.get_logger().info(f"image tower backend: {type(segmenter.runner()).name}")
+        return segmenter
 
     def _dense_config(self, changes: dict) -> DenseConfig:
         def value(name: str):
@@ -497,9 +506,9 @@ class OvsegNode(LifecycleNode):
 
     def _publish_diagnostics(self) -> None:
         prepared, segmenter = self._prepared, self.segmenter
-        extra = {"lifecycle_state": self._state_machine.current_state[1] if hasattr(self, "_state_machine")
-                 else "", "backend": self.get_parameter("backend").value,
-                 "precision": self.get_parameter("precision").value}
+        state = self._state_machine.current_state[1] if hasattr(self, "_state_machine") else ""  # rclpy internal
+        backend = type(segmenter.runner()).name if segmenter is not None else self.get_parameter("backend").value
+        extra = {"lifecycle_state": state, "backend": backend, "precision": self.get_parameter("precision").value}
         if prepared is not None and segmenter is not None:
             extra.update(vocabulary_version=str(prepared.version), classes=str(len(prepared.vocabulary)),
                          device=str(segmenter.encoder.device), model=segmenter.encoder.model_id)

@@ -58,7 +58,9 @@ SPECS: tuple[ParamSpec, ...] = (
               read_only=True),
     ParamSpec("device", "cpu", "torch device: cpu, cuda, cuda:N", read_only=True),
     ParamSpec("precision", "fp32", "model precision", read_only=True, choices=("fp32", "bf16", "fp16")),
-    ParamSpec("backend", "torch", "inference backend of the image tower", read_only=True, choices=("torch",)),
+    ParamSpec("backend", "torch", "inference backend of the image tower (auto: tensorrt, onnxruntime-cuda, torch on a "
+              "GPU; torch on a CPU)", read_only=True,
+              choices=("auto", "torch", "torch-compile", "onnxruntime", "tensorrt")),
     ParamSpec("engine_cache_dir", "", "directory for compiled engines/exports; empty = ~/.cache/ovseg_ros/engines",
               read_only=True),
     ParamSpec("dense_variant", "plain", "last-block variant of the dense CLIP pass", choices=DENSE_VARIANTS),

@@ -90,10 +90,25 @@ class DenseSegmenter:
     """CLIP dense features -> cosine similarity to class text embeddings -> upsampled label map."""
 
     def __init__(self, encoder: ClipDenseEncoder, text_cache: TextEmbeddingCache,
-                 config: DenseConfig = DenseConfig()) -> None:
+                 config: DenseConfig = DenseConfig(), backend: str = "torch",
+                 engine_cache_dir: str | None = None) -> None:
         self.encoder = encoder
         self.text_cache = text_cache
         self.config = config
+        self.backend = backend
+        self.engine_cache_dir = engine_cache_dir
+        self._runner = None
+
+    def runner(self):
+        """The backend running the image tower; rebuilt when the dense variant changes."""
+        from .backends import make_runner
+
+        runner = self._runner
+        if runner is None or runner.tower.variant != self.config.variant:
+            runner = make_runner(self.encoder, self.config.variant, self.backend, self.config.precision,
+                                 self.engine_cache_dir)
+            self._runner = runner
+        return runner
 
     def prepare(self, vocabulary: Vocabulary) -> PreparedVocabulary:
         """Embed a vocabulary (cached); call before swapping it in so frames never wait for text encoding."""
@@ -130,8 +145,9 @@ class DenseSegmenter:
         native_h, native_w = self.encoder.native_size
         _, _, height, width = pixels.shape
         stride = self.config.window_stride
+        run = self.runner()
         if stride <= 0 or (height <= native_h and width <= native_w):
-            return self.encoder.dense_features(pixels, self.config.variant)
+            return run(pixels)
         patch_h, patch_w = self.encoder.patch_size
         stride = max(patch_h, stride // patch_h * patch_h)
         tops = _window_starts(height, native_h, stride)
@@ -143,7 +159,7 @@ class DenseSegmenter:
         for top in tops:
             for left in lefts:
                 window = pixels[:, :, top:top + native_h, left:left + native_w]
-                global_emb, dense = self.encoder.dense_features(window, self.config.variant)
+                global_emb, dense = run(window.contiguous())
                 rows = slice(top // patch_h, top // patch_h + dense.shape[1])
                 cols = slice(left // patch_w, left // patch_w + dense.shape[2])
                 dense_sum[:, rows, cols] += dense.float()

@@ -1,0 +1,68 @@
+"""Backends: torch.export (what torch-tensorrt compiles) and ONNX Runtime match eager; the artefact cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ovseg_ros.core.backends import BackendUnavailable, DenseTower, export_program, make_runner
+from ovseg_ros.core.registry import load_clip
+
+TOLERANCE = 1e-4  # max abs difference of L2-normalised embeddings (float32 reassociation only)
+
+
+@pytest.fixture(scope="module", params=["demo", "vit-b16"])
+def encoder(request):
+    if request.param == "demo":
+        return load_clip("ovseg-demo-clip")
+    return load_clip("ViT-B-16")
+
+
+def pixels_for(encoder, width_patches: int = 3) -> torch.Tensor:
+    ph, pw = encoder.patch_size
+    height, width = encoder.native_size[0], encoder.native_size[1] + width_patches * pw  # non-native: interpolation
+    generator = torch.Generator().manual_seed(0)
+    return encoder.normalise(torch.rand(1, 3, height, width, generator=generator))
+
+
+def test_torch_export_matches_eager_with_a_dynamic_batch(encoder):
+    pixels = pixels_for(encoder)
+    tower = DenseTower(encoder, "plain").eval()
+    with torch.inference_mode():
+        reference = tower(pixels)
+    program = export_program(tower, tuple(pixels.shape))
+    for batch in (1, 3):
+        with torch.inference_mode():
+            global_emb, dense = program.module()(pixels.repeat(batch, 1, 1, 1))
+        assert dense.shape[0] == batch
+        assert (global_emb[-1] - reference[0][0]).abs().max() < TOLERANCE
+        assert (dense[-1] - reference[1][0]).abs().max() < TOLERANCE
+
+
+def test_onnxruntime_matches_eager_and_reuses_its_cache(encoder, tmp_path):
+    pixels = pixels_for(encoder)
+    reference = make_runner(encoder, "plain", "torch")(pixels)
+    runner = make_runner(encoder, "plain", "onnxruntime", cache_dir=tmp_path)
+    global_emb, dense = runner(pixels)
+    assert (global_emb - reference[0]).abs().max() < TOLERANCE
+    assert (dense - reference[1]).abs().max() < TOLERANCE
+    assert runner.export_seconds  # built once
+    again = make_runner(encoder, "plain", "onnxruntime", cache_dir=tmp_path)
+    again(pixels)
+    assert not again.export_seconds  # loaded from the cache, not exported again
+    for artefact in tmp_path.glob("*.onnx"):
+        artefact.write_bytes(b"corrupt")
+    rebuilt = make_runner(encoder, "plain", "onnxruntime", cache_dir=tmp_path)
+    assert (rebuilt(pixels)[1] - reference[1]).abs().max() < TOLERANCE
+    assert rebuilt.export_seconds  # a corrupt entry is rebuilt, never a crash
+
+
+def test_tensorrt_needs_cuda_and_auto_falls_back_to_torch():
+    encoder = load_clip("ovseg-demo-vit")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        make_runner(encoder, "plain", "tensorrt")
+    assert make_runner(encoder, "plain", "auto").name == "torch"
+    with pytest.raises(ValueError, match="unknown backend"):
+        make_runner(encoder, "plain", "tflite")

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 import rclpy  # noqa: E402
 import torch  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from geometry_msgs.msg import Point, Vector3  # noqa: E402
 from rcl_interfaces.msg import SetParametersResult  # noqa: E402
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup  # noqa: E402
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor  # noqa: E402
@@ -31,13 +32,15 @@ from rclpy.qos import (  # noqa: E402
     ReliabilityPolicy,
     qos_profile_sensor_data,
 )
-from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2  # noqa: E402
+from visualization_msgs.msg import MarkerArray  # noqa: E402
 
 from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentation  # noqa: E402
 from ovseg_interfaces.srv import GetVocabulary, SegmentPrompt, SetVocabulary  # noqa: E402
 
 from .core.backends import BackendUnavailable  # noqa: E402
 from .core.dense import DenseConfig, DenseSegmenter, PreparedVocabulary, SegmentationResult  # noqa: E402
+from .core.geometry import DepthError, region_centroid  # noqa: E402
 from .core.overlay import blend, draw_prompt_answers  # noqa: E402
 from .core.prompt import PromptError, PromptSegmenter  # noqa: E402
 from .core.registry import ModelError, load_clip, load_sam  # noqa: E402
@@ -50,6 +53,7 @@ from .core.vocabulary import (  # noqa: E402
     make_vocabulary,
     save_vocabulary,
 )
+from .depth_output import DepthPairer, PairedDepth, class_markers, labelled_cloud  # noqa: E402
 from .diagnostics import StreamStats, diagnostic_array  # noqa: E402
 from .image_conversions import (  # noqa: E402
     ImageError,
@@ -92,8 +96,11 @@ class OvsegNode(LifecycleNode):
         self._slot: _Frame | None = None
         self._slot_cond = threading.Condition()
         self._last_refusal: tuple[str, float] = ("", 0.0)
+        self._last_depth_warning: tuple[str, float] = ("", 0.0)
         self._last_processed = 0.0
         self._frame_headers: dict[tuple[int, int], object] = {}
+        self._frame_depth: dict[tuple[int, int], PairedDepth] = {}
+        self.depth: DepthPairer | None = None
         self._worker: threading.Thread | None = None
         self._running = False
         self._image_sub = None
@@ -121,6 +128,8 @@ class OvsegNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self._setup_publishers()
         self._setup_services()
+        if self.get_parameter("use_depth").value:
+            self._create_depth_subscriptions()
         self._running = True
         self._worker = threading.Thread(target=self._work_loop, name="ovseg-worker", daemon=True)
         self._worker.start()
@@ -156,6 +165,8 @@ class OvsegNode(LifecycleNode):
             else:
                 self.destroy_subscription(entity)
         self._configured_entities.clear()
+        self.depth = None
+        self._frame_depth.clear()
         self._release_models()
         self.get_logger().info("cleaned up: models released")
         return TransitionCallbackReturn.SUCCESS
@@ -251,6 +262,9 @@ class OvsegNode(LifecycleNode):
         self.pub_label_info = publisher(LabelInfo, "label_info", latched)
         self.pub_instances = publisher(Segmentation, "instances", 2)
         self.pub_prompt_result = publisher(PromptResult, "prompt_result", 10)
+        if self.get_parameter("use_depth").value:
+            self.pub_cloud = publisher(PointCloud2, "labels_cloud", 2)
+            self.pub_markers = publisher(MarkerArray, "labels_markers", 2)
 
     def _image_qos(self) -> QoSProfile:
         depth = self.get_parameter("qos_depth").value
@@ -264,6 +278,14 @@ class OvsegNode(LifecycleNode):
         if override:
             qos.reliability = ReliabilityPolicy.RELIABLE if override == "reliable" else ReliabilityPolicy.BEST_EFFORT
         return qos
+
+    def _create_depth_subscriptions(self) -> None:
+        self.depth = DepthPairer(self.get_parameter("depth_buffer_size").value,
+                                 self.get_parameter("depth_tolerance_s").value)
+        self._configured_entities += [
+            ("subscription", self.create_subscription(Image, "depth/image", self.depth.add_depth, self._image_qos())),
+            ("subscription", self.create_subscription(CameraInfo, "depth/camera_info", self.depth.add_info, 10)),
+        ]
 
     def _create_image_subscription(self):
         if self.get_parameter("input_type").value == "compressed":
@@ -396,12 +418,17 @@ class OvsegNode(LifecycleNode):
         prepared = self._prepared  # one reference for the whole frame: outputs never mix versions
         result = self.segmenter.segment(rgb, prepared)
         self._publish(frame.msg, rgb, result, prepared)
+        stamp = frame.msg.header.stamp
+        key = (stamp.sec, stamp.nanosec)
+        paired = self._publish_3d(frame.msg.header, rgb, result, prepared) if self.depth is not None else None
         if self.prompter is not None:
-            stamp = frame.msg.header.stamp
-            self.prompter.add_frame((stamp.sec, stamp.nanosec), rgb, result.dense_features)
-            self._frame_headers[(stamp.sec, stamp.nanosec)] = frame.msg.header
-            while len(self._frame_headers) > self.prompter.cache_size:
-                self._frame_headers.pop(next(iter(self._frame_headers)))
+            self.prompter.add_frame(key, rgb, result.dense_features)
+            self._frame_headers[key] = frame.msg.header
+            if paired is not None:
+                self._frame_depth[key] = paired
+            for cache in (self._frame_headers, self._frame_depth):
+                while len(cache) > self.prompter.cache_size:
+                    cache.pop(next(iter(cache)))
             if self.get_parameter("segment_everything").value:
                 self._publish_everything(frame.msg.header, prepared)
         self.stats.on_processed(frame.received)
@@ -426,6 +453,29 @@ class OvsegNode(LifecycleNode):
                             names=prepared.vocabulary.display_names, class_ids=result.class_ids)
             self.pub_overlay.publish(rgb_to_image(overlay, header))
 
+    def _publish_3d(self, header, rgb, result: SegmentationResult,
+                    prepared: PreparedVocabulary) -> PairedDepth | None:
+        """Cloud and markers for a frame with paired depth; a frame without gets a warning, never an error."""
+        try:
+            paired = self.depth.pair(header.stamp, rgb.shape[:2])
+        except DepthError as exc:
+            self._report_depth_problem(str(exc))
+            return None
+        self.pub_cloud.publish(labelled_cloud(header, paired, rgb, result.labels, result.confidence,
+                                              self.get_parameter("max_range_m").value,
+                                              self.get_parameter("cloud_stride").value))
+        if self.get_parameter("publish_markers").value:
+            self.pub_markers.publish(class_markers(header, paired, result.labels, result.class_ids,
+                                                   prepared.vocabulary.display_names, len(prepared.vocabulary),
+                                                   self.get_parameter("marker_boxes").value))
+        return paired
+
+    def _report_depth_problem(self, message: str) -> None:
+        now = time.monotonic()
+        if message != self._last_depth_warning[0] or now - self._last_depth_warning[1] > 5.0:
+            self._last_depth_warning = (message, now)
+            self.get_logger().warning(f"no 3D output for this frame: {message}")
+
     def _on_segment_prompt(self, request: SegmentPrompt.Request, response: SegmentPrompt.Response):
         try:
             self._answer_prompt(request, response)
@@ -445,7 +495,8 @@ class OvsegNode(LifecycleNode):
         response = self._on_segment_prompt(request, SegmentPrompt.Response())
         result = PromptResult(request_id=query.request_id)
         for name in ("success", "message", "header", "masks", "labels", "label_scores", "mask_scores",
-                     "vocabulary_version", "top_k", "top_labels", "top_scores"):
+                     "vocabulary_version", "top_k", "top_labels", "top_scores", "depth_frame_id", "has_3d",
+                     "centroids", "extents"):
             setattr(result, name, getattr(response, name))
         self.pub_prompt_result.publish(result)
 
@@ -484,6 +535,15 @@ class OvsegNode(LifecycleNode):
         response.top_k = len(answers[0].labels)
         response.top_labels = [name for a in answers for name in a.labels]
         response.top_scores = [score for a in answers for score in a.label_scores]
+        paired = self._frame_depth.get(frame.key)
+        if paired is not None:
+            response.depth_frame_id = paired.frame_id or header.frame_id
+            for answer in answers:
+                found = region_centroid(answer.mask, paired.depth_m, paired.intrinsics)
+                response.has_3d.append(found is not None)
+                centroid, extent = found if found is not None else (np.zeros(3), np.zeros(3))
+                response.centroids.append(Point(x=float(centroid[0]), y=float(centroid[1]), z=float(centroid[2])))
+                response.extents.append(Vector3(x=float(extent[0]), y=float(extent[1]), z=float(extent[2])))
         response.success = True
         response.message = f"{len(answers)} prompts answered on frame {frame.key[0]}.{frame.key[1]:09d}"
         if self.get_parameter("publish_overlay").value:
@@ -509,6 +569,9 @@ class OvsegNode(LifecycleNode):
         state = self._state_machine.current_state[1] if hasattr(self, "_state_machine") else ""  # rclpy internal
         backend = type(segmenter.runner()).name if segmenter is not None else self.get_parameter("backend").value
         extra = {"lifecycle_state": state, "backend": backend, "precision": self.get_parameter("precision").value}
+        if self.depth is not None:
+            extra.update(depth_paired=str(self.depth.paired), depth_unpaired=str(self.depth.unpaired),
+                         depth_pairing_rate=f"{self.depth.rate():.2f}")
         if prepared is not None and segmenter is not None:
             extra.update(vocabulary_version=str(prepared.version), classes=str(len(prepared.vocabulary)),
                          device=str(segmenter.encoder.device), model=segmenter.encoder.model_id)

@@ -103,6 +103,15 @@ SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("segment_everything", False, "also publish a point-grid instance segmentation on `instances`"),
     ParamSpec("everything_points_per_side", 16, "point grid of the segment-everything mode", read_only=True,
               low=2, high=64),
+    ParamSpec("use_depth", False, "pair an aligned depth image (`depth/image`, 16UC1 mm or 32FC1 m) and "
+              "`depth/camera_info` with each frame: labels_cloud, labels_markers, 3D prompt answers",
+              read_only=True),
+    ParamSpec("depth_tolerance_s", 0.02, "largest colour-depth stamp difference accepted", low=0.0, high=1.0),
+    ParamSpec("depth_buffer_size", 10, "depth frames kept for pairing", read_only=True, low=1, high=100),
+    ParamSpec("max_range_m", 10.0, "depth beyond this is dropped from the cloud", low=0.01, high=1000.0),
+    ParamSpec("cloud_stride", 1, "keep every n-th pixel in rows and columns of the cloud", low=1, high=32),
+    ParamSpec("publish_markers", True, "publish labels_markers (class names at 3D centroids)"),
+    ParamSpec("marker_boxes", True, "add each class region's 3D extent as a box marker"),
     ParamSpec("text_cache_dir", "", "directory for the on-disk text-embedding cache; empty = memory only",
               read_only=True),
 )

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.backends import BACKENDS, BackendUnavailable
 from ..core.dense import DenseConfig, DenseSegmenter
 from ..core.registry import load_clip
 from ..core.text_cache import TextEmbeddingCache
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--input-size", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    parser.add_argument("--backend", default="torch",
+                        help="comma-separated backends, or 'all' (those that can run here)")
+    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
+    parser.add_argument("--modes", default="full,dcs", help="full (every class) and/or dcs (category selection)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -113,15 +118,26 @@ def main(argv: list[str] | None = None) -> int:
     base = DenseConfig(input_size=args.input_size)
     flops = dense_pass_flops(DenseSegmenter(encoder, cache, base), image)
     rows = []
-    for count in [int(s) for s in args.sizes.split(",")]:
-        vocabulary = Vocabulary(tuple(load_names(count)), templates=("a photo of a {}.",))
-        for label, config in (("full", base), ("dcs", DenseConfig(input_size=args.input_size,
-                                                                   selection_threshold=args.selection))):
-            segmenter = DenseSegmenter(encoder, cache, config)
-            prepared = segmenter.prepare(vocabulary)
-            row = {"classes": count, "mode": label, **time_segment(segmenter, image, prepared, args.runs)}
-            rows.append(row)
-    encoder_ms = float(np.median([r["image_encoder"] for r in rows]))
+    backends = list(BACKENDS) if args.backend == "all" else args.backend.split(",")
+    for backend in backends:
+        for precision in args.precision.split(","):
+            for count in [int(v) for v in args.sizes.split(",")]:
+                vocabulary = Vocabulary(tuple(load_names(count)), templates=("a photo of a {}.",))
+                for mode in args.modes.split(","):
+                    config = DenseConfig(input_size=args.input_size, precision=precision,
+                                         selection_threshold=args.selection if mode == "dcs" else 0.0)
+                    segmenter = DenseSegmenter(encoder, cache, config, backend=backend)
+                    try:
+                        segmenter.runner()
+                        prepared = segmenter.prepare(vocabulary)
+                        timed = time_segment(segmenter, image, prepared, args.runs)
+                    except BackendUnavailable as exc:
+                        print(f"[speed] backend {backend} skipped: {exc}")
+                        break
+                    rows.append({"backend": backend, "precision": precision, "classes": count, "mode": mode,
+                                 **timed})
+    reference = [r for r in rows if r["backend"] == backends[0] and r["precision"] == "fp32"] or rows
+    encoder_ms = float(np.median([r["image_encoder"] for r in reference]))
     achieved = flops / (encoder_ms / 1000) / 1e9
     report = {"machine": info, "model": encoder.model_id, "image": f"{args.width}x{args.height}",
               "model_input": "x".join(str(v) for v in DenseSegmenter(encoder, cache, base).model_input_shape(
@@ -134,15 +150,27 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['dense_pass_gflop']} GFLOP at {achieved:.1f} GFLOP/s "
           f"({report['fraction_of_matmul_bound']:.0%} of the matmul bound)")
     stages = ["preprocess", "image_encoder", "category_selection", "classify_upsample", "postprocess"]
-    print(f"{'classes':>7} {'mode':>4} {'kept':>5} " + " ".join(f"{s[:14]:>14}" for s in stages)
-          + f" {'total_ms':>9} {'fps':>6}")
+    print(f"{'backend':>13} {'prec':>4} {'classes':>7} {'mode':>4} {'kept':>5} "
+          + " ".join(f"{s[:14]:>14}" for s in stages) + f" {'total_ms':>9} {'fps':>6}")
     for row in rows:
-        print(f"{row['classes']:>7} {row['mode']:>4} {row['classes_kept']:>5} "
-              + " ".join(f"{row.get(s, 0.0):>14.1f}" for s in stages) + f" {row['total_ms']:>9.1f} {row['fps']:>6.2f}")
-    for count in sorted({r["classes"] for r in rows}):
-        full = next(r for r in rows if r["classes"] == count and r["mode"] == "full")
-        dcs = next(r for r in rows if r["classes"] == count and r["mode"] == "dcs")
-        print(f"{count} classes: DCS {full['total_ms'] / dcs['total_ms']:.2f}x faster than the full vocabulary")
+        print(f"{row['backend']:>13} {row['precision']:>4} {row['classes']:>7} {row['mode']:>4} "
+              f"{row['classes_kept']:>5} " + " ".join(f"{row.get(s, 0.0):>14.1f}" for s in stages)
+              + f" {row['total_ms']:>9.1f} {row['fps']:>6.2f}")
+    for row in rows:
+        if row["mode"] != "dcs":
+            continue
+        full = next((r for r in rows if r["mode"] == "full" and all(r[k] == row[k] for k in
+                                                                    ("backend", "precision", "classes"))), None)
+        if full:
+            print(f"{row['backend']} {row['precision']} {row['classes']} classes: DCS "
+                  f"{full['total_ms'] / row['total_ms']:.2f}x faster than the full vocabulary")
+    eager = next((r for r in rows if r["backend"] == "torch" and r["precision"] == "fp32"), None)
+    if eager:
+        for row in rows:
+            if row["mode"] == eager["mode"] and row["classes"] == eager["classes"] and row is not eager:
+                ratio = eager["image_encoder"] / row["image_encoder"]
+                print(f"{row['backend']} {row['precision']}: image tower {ratio:.2f}x vs torch fp32 eager "
+                      f"({row['image_encoder']} vs {eager['image_encoder']} ms)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

@@ -1,0 +1,179 @@
+"""Labelled 3D output from a synthetic depth map with known geometry: cloud, markers, warnings, 3D prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import TEST_SAM, start_node
+from geometry_msgs.msg import Point
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import CameraInfo, Image, PointCloud2
+from std_msgs.msg import Header
+from visualization_msgs.msg import Marker, MarkerArray
+
+from ovseg_ros.core.geometry import CLOUD_DTYPE
+from ovseg_ros.image_conversions import as_uint8_buffer, image_to_array, rgb_to_image, to_byte_array
+from ovseg_ros.runtime import wait_until
+from ovseg_ros.synth.world import generate_scene
+
+H, W = 240, 320
+FX = FY = 300.0
+CX, CY = 160.0, 120.0
+
+
+def scene_with_depth(seed: int):
+    """Background plane at 3 m, object i at 1.0 + 0.25 i m, a stripe of invalid depth, a patch beyond range."""
+    scene = generate_scene(seed, size=(H, W), split="eval", min_objects=2, max_objects=3)
+    depth_mm = np.full((H, W), 3000, np.uint16)
+    for index, mask in enumerate(scene.instance_masks):
+        depth_mm[mask] = 1000 + 250 * index
+    depth_mm[:, 10:14] = 0  # invalid
+    depth_mm[:8, 200:260] = 9000  # beyond max_range_m = 5
+    return scene, depth_mm
+
+
+def header(sec: int, frame: str = "camera_color_optical_frame") -> Header:
+    h = Header(frame_id=frame)
+    h.stamp.sec = sec
+    return h
+
+
+def depth_msg(depth_mm: np.ndarray, sec: int) -> Image:
+    msg = Image(header=header(sec), height=depth_mm.shape[0], width=depth_mm.shape[1], encoding="16UC1",
+                step=depth_mm.shape[1] * 2, is_bigendian=0)
+    msg.data = to_byte_array(depth_mm)
+    return msg
+
+
+def info_msg(fx: float = FX, width: int = W, height: int = H) -> CameraInfo:
+    info = CameraInfo(header=header(0), width=width, height=height)
+    info.k = [fx, 0.0, CX, 0.0, FY if fx else 0.0, CY, 0.0, 0.0, 1.0]
+    return info
+
+
+def read_cloud(msg: PointCloud2) -> np.ndarray:
+    assert [f.name for f in msg.fields] == list(CLOUD_DTYPE.names)
+    assert msg.point_step == CLOUD_DTYPE.itemsize
+    return np.frombuffer(as_uint8_buffer(msg.data).tobytes(), dtype=CLOUD_DTYPE)
+
+
+@pytest.fixture(scope="module")
+def depth_node(tmp_path_factory, ros):
+    from ovseg_ros.client import OvsegClient
+
+    proc = start_node(tmp_path_factory.mktemp("depth"), name="ovseg_d", namespace="depth_test",
+                      params={"use_depth": True, "max_range_m": 5.0, "sam_model": TEST_SAM,
+                              "clip_model": "ovseg-demo-clip", "depth_tolerance_s": 0.01})
+    client = OvsegClient("/depth_test", name="depth_client")
+    client.subscribe("labels_cloud", PointCloud2)
+    client.subscribe("labels_markers", MarkerArray)
+    depth_pub = client.node.create_publisher(Image, "/depth_test/depth/image", qos_profile_sensor_data)
+    info_pub = client.node.create_publisher(CameraInfo, "/depth_test/depth/camera_info", 10)
+    assert client.wait_ready(90), proc.output()
+    assert client.set_vocabulary(["grass", "water", "sky", "wall", "sand", "red circle", "blue star"]).success
+    yield proc, client, depth_pub, info_pub
+    client.close()
+    proc.stop()
+
+
+def send(client, depth_pub, rgb, depth, sec, depth_sec=None, tries: int = 10):
+    """Publish depth then colour until the frame's 2D output arrives (best effort)."""
+    for _ in range(tries):
+        depth_pub.publish(depth_msg(depth, sec if depth_sec is None else depth_sec))
+        client.publish_image(rgb_to_image(rgb, header(sec)))
+        if client.wait_for("segmentation", lambda m: m.header.stamp.sec == sec, 1.5) is not None:
+            return True
+    return False
+
+
+def test_problems_warn_and_2d_output_continues(depth_node):
+    proc, client, depth_pub, info_pub = depth_node
+    scene, depth = scene_with_depth(1)
+    assert send(client, depth_pub, scene.image, depth, 100)
+    assert wait_until(lambda: "no camera_info" in proc.output(), 5), proc.output()[-2000:]
+    info_pub.publish(info_msg(fx=0.0))
+    assert wait_until(lambda: client.wait_for("segmentation", lambda m: True, 0.1) is not None, 2)
+    assert send(client, depth_pub, scene.image, depth, 101)
+    assert wait_until(lambda: "unusable focal length" in proc.output(), 5), proc.output()[-2000:]
+    info_pub.publish(info_msg())
+    assert send(client, depth_pub, scene.image, depth[::2, ::2].copy(), 102)
+    assert wait_until(lambda: "not aligned" in proc.output(), 5), proc.output()[-2000:]
+    assert send(client, depth_pub, scene.image, depth, 103, depth_sec=104)
+    assert wait_until(lambda: "no depth frame within" in proc.output(), 5), proc.output()[-2000:]
+    assert client.wait_for("labels_cloud", lambda m: m.header.stamp.sec in (100, 101, 102, 103), 0.5) is None
+    assert proc.alive()
+
+
+def test_cloud_matches_back_projection_and_labels(depth_node):
+    proc, client, depth_pub, info_pub = depth_node
+    info_pub.publish(info_msg())
+    scene, depth = scene_with_depth(2)
+    sec = 200
+    for _ in range(10):
+        assert send(client, depth_pub, scene.image, depth, sec)
+        if client.wait_for("labels_cloud", lambda m: m.header.stamp.sec == sec, 2.0) is not None:
+            break
+    cloud_msg = client.wait_for("labels_cloud", lambda m: m.header.stamp.sec == sec, 1.0)
+    assert cloud_msg is not None, proc.output()[-2000:]
+    labels = image_to_array(client.wait_for("labels", lambda m: m.header.stamp.sec == sec, 5.0))
+    cloud = read_cloud(cloud_msg)
+    z = depth.astype(np.float64) / 1000.0
+    valid = (depth > 0) & (z <= 5.0)
+    rows, cols = np.nonzero(valid)  # the node emits valid pixels in row-major order (cloud_stride 1)
+    assert len(cloud) == len(rows)
+    expected = np.stack([(cols - CX) * z[rows, cols] / FX, (rows - CY) * z[rows, cols] / FY, z[rows, cols]], 1)
+    got = np.stack([cloud["x"], cloud["y"], cloud["z"]], 1)
+    assert np.abs(got - expected).max() < 1e-3  # within 1 mm
+    assert np.array_equal(cloud["label"], labels[rows, cols])
+    assert cloud["z"].max() <= 5.0 and not np.isnan(got).any()
+    rgb = cloud["rgb"].view(np.uint32)
+    assert np.array_equal((rgb >> 16) & 255, scene.image[rows, cols, 0])
+
+    markers = client.wait_for("labels_markers", lambda m: m.markers and m.markers[1:] and
+                              m.markers[1].header.stamp.sec == sec, 5.0)
+    assert markers is not None and markers.markers[0].action == Marker.DELETEALL
+    texts = [m for m in markers.markers if m.type == Marker.TEXT_VIEW_FACING]
+    assert texts
+    from ovseg_ros.core.geometry import Intrinsics, region_centroid
+
+    intrinsics = Intrinsics(FX, FY, CX, CY, W, H)
+    for text in texts:
+        class_id = text.id // 2
+        centroid, _ = region_centroid(labels == class_id, np.where(valid, z, np.nan), intrinsics)
+        position = np.array([text.pose.position.x, text.pose.position.y, text.pose.position.z])
+        assert np.linalg.norm(position - centroid) < 0.02
+
+
+def test_prompts_return_3d_centroids_of_known_objects(depth_node):
+    from ovseg_interfaces.srv import SegmentPrompt
+
+    proc, client, depth_pub, info_pub = depth_node
+    info_pub.publish(info_msg())
+    scene, depth = scene_with_depth(3)
+    sec = 300
+    prompt_client = client.node.create_client(SegmentPrompt, "/depth_test/segment_prompt")
+    assert prompt_client.wait_for_service(timeout_sec=10)
+    for _ in range(10):
+        assert send(client, depth_pub, scene.image, depth, sec)
+        if client.wait_for("labels_cloud", lambda m: m.header.stamp.sec == sec, 2.0) is not None:
+            break
+    request = SegmentPrompt.Request()
+    request.stamp.sec = sec
+    request.boxes = [float(v) for box in scene.boxes for v in box]
+    response = client.call(prompt_client, request)
+    assert response.success, response.message
+    assert len(response.centroids) == len(scene.instance_masks) == len(response.has_3d)
+    for index, (mask, centroid) in enumerate(zip(scene.instance_masks, response.centroids, strict=True)):
+        rows, cols = np.nonzero(mask & (depth > 0))
+        z = 1.0 + 0.25 * index
+        truth = np.array([np.median((cols - CX) * z / FX), np.median((rows - CY) * z / FY), z])
+        got = np.array([centroid.x, centroid.y, centroid.z])
+        assert response.has_3d[index]
+        assert np.linalg.norm(got - truth) < 0.02, (index, got, truth)
+    assert response.depth_frame_id == "camera_color_optical_frame"
+    # a frame without paired depth answers in 2D only
+    request = SegmentPrompt.Request()
+    request.image = rgb_to_image(scene.image, header(301))
+    request.points, request.point_labels = [Point(x=5.0, y=5.0)], [1]
+    response = client.call(prompt_client, request)
+    assert response.success and not response.has_3d

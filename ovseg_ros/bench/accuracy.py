@@ -16,7 +16,7 @@ from ..core.dense import DenseConfig, DenseSegmenter
 from ..core.metrics import ConfusionMatrix, mask_iou
 from ..core.registry import load_clip
 from ..core.text_cache import TextEmbeddingCache
-from ..core.vocabulary import Vocabulary
+from ..core.vocabulary import UNLABELLED, Vocabulary
 from ..synth.world import HELD_OUT, STUFF, generate_scene, object_class_names, world_vocabulary
 
 EVAL_SEED_BASE = 900_000  # evaluation seeds never overlap training pools (those use seed * 1_000_003 + i)
@@ -38,20 +38,33 @@ def make_segmenter(clip: str, config: DenseConfig, device: str = "cpu") -> Dense
     return DenseSegmenter(encoder, TextEmbeddingCache(encoder.encode_text, encoder.model_id), config)
 
 
+def distractor_names(count: int) -> list[str]:
+    """Names outside the synthetic world, appended to its vocabulary to test large-vocabulary behaviour."""
+    from .speed import load_names
+
+    world = set(world_vocabulary())
+    return [n for n in load_names(847) if n not in world][:count]
+
+
 def evaluate_dense(clip: str | DenseSegmenter, scenes: int = 100, size: int | tuple[int, int] = 224,
-                   config: DenseConfig | None = None, seed_base: int = EVAL_SEED_BASE) -> dict:
-    """Dense mIoU over the whole world vocabulary on `scenes` evaluation scenes (half the objects novel)."""
+                   config: DenseConfig | None = None, seed_base: int = EVAL_SEED_BASE,
+                   distractors: int = 0) -> dict:
+    """Dense mIoU over the world vocabulary (plus `distractors` names that never occur) on `scenes` evaluation
+    scenes (half the objects novel). A pixel labelled with a distractor counts as wrong."""
     segmenter = clip if isinstance(clip, DenseSegmenter) else make_segmenter(clip, config or DenseConfig())
     vocab = world_vocabulary()
-    prepared = segmenter.prepare(Vocabulary(tuple(vocab)))
+    prepared = segmenter.prepare(Vocabulary(tuple(vocab + distractor_names(distractors))))
     confusion = ConfusionMatrix(len(vocab))
-    times = []
+    times, kept = [], []
     for i in range(scenes):
         scene = generate_scene(seed_base + i, size=size, split="eval")
         start = time.perf_counter()
         result = segmenter.segment(scene.image, prepared)
         times.append(time.perf_counter() - start)
-        confusion.add(scene.labels, result.labels)
+        kept.append(len(result.selected_classes))
+        predicted = result.labels.copy()
+        predicted[(predicted >= len(vocab)) & (predicted != UNLABELLED)] = UNLABELLED  # a distractor: wrong
+        confusion.add(scene.labels, predicted)
     groups = world_class_groups()
     return {
         "dense_miou_seen": round(confusion.mean_iou(groups["seen"]), 4),
@@ -62,6 +75,8 @@ def evaluate_dense(clip: str | DenseSegmenter, scenes: int = 100, size: int | tu
         "scenes": scenes,
         "median_ms": round(1000 * float(np.median(times)), 1),
         "variant": segmenter.config.variant,
+        "vocabulary_size": len(prepared.vocabulary),
+        "median_classes_kept": int(np.median(kept)),
     }
 
 
@@ -130,12 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selection", type=float, default=0.0, help="category selection tau; 0 disables")
     parser.add_argument("--tag-validation", type=int, default=0)
     parser.add_argument("--refinement", default="none")
+    parser.add_argument("--distractors", type=int, default=0, help="extra names that never occur (max 778)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     config = DenseConfig(variant=args.variant, selection_threshold=args.selection,
                          tag_validation_top_k=args.tag_validation, refinement=args.refinement)
     segmenter = make_segmenter(args.clip, config)
-    results = {"clip": segmenter.encoder.model_id, **evaluate_dense(segmenter, args.scenes)}
+    results = {"clip": segmenter.encoder.model_id,
+               **evaluate_dense(segmenter, args.scenes, distractors=args.distractors)}
     if args.sam:
         from ..core.prompt import PromptSegmenter
         from ..core.registry import load_sam

@@ -32,17 +32,29 @@ from ..synth.world import STUFF, generate_scene, object_class_names, world_vocab
 ARCH = "ovseg-demo-vit"
 
 
-def build_pool(count: int, seed: int, size: int, patch: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Pre-generated training scenes at the model resolution: images, label maps, captions."""
+MAX_INSTANCES = 5
+
+
+def build_pool(count: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Pre-generated training scenes at the model resolution: images, label maps, instance maps (0 = none,
+    k = k-th object), the world id of each instance (-1 = none), captions."""
+    vocab = {name: i for i, name in enumerate(world_vocabulary())}
     images = np.empty((count, size, size, 3), dtype=np.uint8)
     labels = np.empty((count, size, size), dtype=np.uint8)
+    instances = np.zeros((count, size, size), dtype=np.uint8)
+    instance_ids = np.full((count, MAX_INSTANCES), -1, dtype=np.int64)
     captions = []
     for i in range(count):
-        scene = generate_scene(seed * 1_000_003 + i, size=224, split="train")
+        scene = generate_scene(seed * 1_000_003 + i, size=224, split="train", max_objects=MAX_INSTANCES)
         images[i] = cv2.resize(scene.image, (size, size), interpolation=cv2.INTER_AREA)
         labels[i] = cv2.resize(scene.labels.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+        instance_map = np.zeros(scene.labels.shape, np.uint8)
+        for k, (mask, name) in enumerate(zip(scene.instance_masks, scene.instance_classes, strict=True)):
+            instance_map[mask] = k + 1
+            instance_ids[i, k] = vocab[name]
+        instances[i] = cv2.resize(instance_map, (size, size), interpolation=cv2.INTER_NEAREST)
         captions.append(scene.caption)
-    return images, labels, captions
+    return images, labels, instances, instance_ids, captions
 
 
 def patch_fractions(labels: torch.Tensor, num_classes: int, patch: int) -> torch.Tensor:
@@ -73,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         default=0.3,
         help="weight of patches holding only stuff (they dominate the area)",
     )
+    parser.add_argument("--object-weight", type=float, default=1.0,
+                        help="weight of the object loss: each instance's mask-pooled patch embedding classified")
+    parser.add_argument("--init", help="start from these weights (fine-tuning) instead of random init")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU matrix units)")
     parser.add_argument("--out", default="models/demo/ovseg-demo-clip.safetensors")
     parser.add_argument("--eval-scenes", type=int, default=100)
@@ -86,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     register_open_clip_configs()
     import open_clip
 
-    model = open_clip.create_model(ARCH, pretrained=None)
+    model = open_clip.create_model(ARCH, pretrained=args.init or None)
     tokenizer = open_clip.get_tokenizer(ARCH)
     encoder = ClipDenseEncoder(model, tokenizer, ARCH)
     model.train()
@@ -101,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     to_seen[seen_ids] = torch.arange(len(seen))
 
     start = time.time()
-    images, label_maps, captions = build_pool(args.pool, args.seed, size, patch)
+    images, label_maps, instance_maps, instance_ids, captions = build_pool(args.pool, args.seed, size)
+    objects_seen = object_class_names("seen")
+    object_cols = torch.tensor([seen.index(name) for name in objects_seen])  # object columns of `seen`
     print(f"pool of {args.pool} scenes generated in {time.time() - start:.0f} s", flush=True)
 
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
@@ -124,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         if rng.random() < 0.5:  # horizontal flip keeps every class name true
             batch = batch.flip(-1)
             labels = torch.from_numpy(label_maps[idx][:, :, ::-1].copy())
+            instances = torch.from_numpy(instance_maps[idx][:, :, ::-1].copy())
         else:
             labels = torch.from_numpy(label_maps[idx])
+            instances = torch.from_numpy(instance_maps[idx])
         template = DEFAULT_TEMPLATES[step % len(DEFAULT_TEMPLATES)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             global_emb, dense = encoder.dense_features(encoder.normalise(batch), "plain")
@@ -143,7 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         stuff_only = fractions[..., : len(STUFF)].sum(-1) > 0.999
         weights = torch.where(stuff_only, args.stuff_patch_weight, 1.0)
         loss_dense = (per_patch * weights).sum() / weights.sum()
-        loss = loss_contrastive + args.dense_weight * loss_dense
+        # Object loss: pool each instance's patch embeddings (weighted by how much of the patch it covers) and
+        # classify against the seen object classes -- what prompt recognition and tag validation rely on.
+        inst_frac = patch_fractions(instances, MAX_INSTANCES + 1, patch)[..., 1:]  # (B, h, w, K)
+        pooled = F.normalize(torch.einsum("bhwk,bhwd->bkd", inst_frac, dense.float()), dim=-1)
+        ids = torch.from_numpy(instance_ids[idx])  # (B, K) world ids, -1 = none
+        valid = (ids >= 0) & (inst_frac.sum((1, 2)) > 0)
+        object_logits = scale * pooled[valid] @ class_text.float()[object_cols].T
+        object_target = (to_seen[ids[valid]].unsqueeze(1) == object_cols.unsqueeze(0)).float().argmax(1)
+        loss_object = F.cross_entropy(object_logits, object_target) if valid.any() else torch.zeros(())
+        loss = loss_contrastive + args.dense_weight * loss_dense + args.object_weight * loss_object
 
         optimiser.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,66 @@
+"""Accuracy floors with the project's trained demo models on a small fixed evaluation set (regression guard).
+
+The floors sit below the figures `ovseg-bench accuracy` prints on the full evaluation set (README), so only a
+real regression trips them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ovseg_ros.bench.accuracy import evaluate_dense, evaluate_prompts, make_segmenter
+from ovseg_ros.core.dense import DenseConfig
+from ovseg_ros.core.vocabulary import Vocabulary
+from ovseg_ros.synth.world import generate_scene, world_vocabulary
+
+FLOORS = {
+    "dense_miou_seen": 0.30,
+    "dense_miou_held_out": 0.15,
+    "prompt_iou_point": 0.70,
+    "prompt_iou_box": 0.80,
+    "label_accuracy_seen": 0.50,
+    "label_accuracy_held_out": 0.15,
+}
+DCS_TAU = 0.3  # the node's recommended selection_threshold (README)
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    return make_segmenter("ovseg-demo-clip", DenseConfig())
+
+
+def test_dense_miou_floors(segmenter):
+    metrics = evaluate_dense(segmenter, scenes=24)
+    print(metrics)
+    assert metrics["dense_miou_seen"] >= FLOORS["dense_miou_seen"], metrics
+    assert metrics["dense_miou_held_out"] >= FLOORS["dense_miou_held_out"], metrics
+
+
+def test_prompt_iou_and_label_accuracy_floors(segmenter):
+    from ovseg_ros.core.prompt import PromptSegmenter
+    from ovseg_ros.core.registry import load_sam
+
+    prompter = PromptSegmenter(load_sam("ovseg-demo-sam"), segmenter.encoder, cache_size=2)
+    metrics = evaluate_prompts(segmenter, prompter, scenes=24)
+    print(metrics)
+    for key in ("prompt_iou_point", "prompt_iou_box", "label_accuracy_seen", "label_accuracy_held_out"):
+        assert metrics[key] >= FLOORS[key], metrics
+
+
+def test_category_selection_keeps_the_ground_truth_classes(segmenter):
+    """DCS must not throw away classes that are there: every GT class kept on >= 95% of the scenes."""
+    selecting = make_segmenter("ovseg-demo-clip", DenseConfig(selection_threshold=DCS_TAU))
+    vocab = world_vocabulary()
+    prepared = selecting.prepare(Vocabulary(tuple(vocab)))
+    kept_all, sizes = [], []
+    for i in range(40):
+        scene = generate_scene(800_000 + i, size=224, split="eval")
+        truth = set(np.unique(scene.labels).tolist())
+        selected = set(selecting.segment(scene.image, prepared).selected_classes)
+        kept_all.append(truth <= selected)
+        sizes.append(len(selected))
+    print(f"DCS kept all ground-truth classes on {np.mean(kept_all):.1%} of scenes, {np.median(sizes)} of "
+          f"{len(vocab)} classes (median)")
+    assert np.mean(kept_all) >= 0.95
+    assert np.median(sizes) < len(vocab) / 2  # and it does select

@@ -461,6 +461,9 @@ class OvsegNode(LifecycleNode):
         except DepthError as exc:
             self._report_depth_problem(str(exc))
             return None
+        max_range = self.get_parameter("max_range_m").value
+        with np.errstate(invalid="ignore"):
+            paired.depth_m[paired.depth_m > max_range] = np.nan  # beyond range is invalid for every 3D output
         self.pub_cloud.publish(labelled_cloud(header, paired, rgb, result.labels, result.confidence,
                                               self.get_parameter("max_range_m").value,
                                               self.get_parameter("cloud_stride").value))

@@ -95,6 +95,9 @@ def region_centroid(mask: np.ndarray, depth_m: np.ndarray, intrinsics: Intrinsic
     if not valid.any():
         return None
     rows, cols, z = rows[valid], cols[valid], z[valid]
+    # A mask that bleeds over the object's edge picks up background depth: keep the depth mode's neighbourhood.
+    near = np.abs(z - np.median(z)) <= 0.1 * np.median(z)
+    rows, cols, z = rows[near], cols[near], z[near]
     points = np.stack([(cols - intrinsics.cx) * z / intrinsics.fx, (rows - intrinsics.cy) * z / intrinsics.fy, z],
                       axis=1)
     centroid = np.median(points, axis=0)

@@ -76,13 +76,15 @@ def test_point_multipoint_and_box_prompts_meet_the_floors(node):
             ious["point"].append(mask_iou(image_to_array(mask_msg) > 127, truth))
         # 2) the same (cached) frame by stamp: a foreground and a background point per object, then boxes
         request = request_for(None, stamp)
+        points, point_labels, groups = [], [], []
         for group, truth in enumerate(scene.instance_masks):
             ys, xs = np.nonzero(truth)
             bys, bxs = np.nonzero(~truth)
-            request.points += [Point(x=float(xs[len(xs) // 2]), y=float(ys[len(ys) // 2])),
-                               Point(x=float(bxs[0]), y=float(bys[0]))]
-            request.point_labels += [1, 0]
-            request.point_groups += [group, group]
+            points += [Point(x=float(xs[len(xs) // 2]), y=float(ys[len(ys) // 2])),
+                       Point(x=float(bxs[0]), y=float(bys[0]))]
+            point_labels += [1, 0]
+            groups += [group, group]
+        request.points, request.point_labels, request.point_groups = points, point_labels, groups
         response = client.call(prompt_client, request)
         assert response.success, response.message
         ious["multi"] += [mask_iou(image_to_array(m) > 127, t)
@@ -173,3 +175,27 @@ def test_per_request_vocabulary_and_eviction(node):
     r.boxes = request.boxes
     response = client.call(prompt_client, r)
     assert not response.success and "evicted" in response.message
+
+
+def test_prompt_topic_pair(node):
+    from ovseg_interfaces.msg import PromptQuery, PromptResult
+
+    proc, client, prompt_client = node
+    scene = generate_scene(12, size=(120, 160), split="eval")
+    request = request_for(scene.image, (950, 0))
+    request.boxes = [float(v) for v in scene.boxes[0]]
+    assert client.call(prompt_client, request).success  # caches frame 950
+    client.subscribe("prompt_result", PromptResult)
+    publisher = client.node.create_publisher(PromptQuery, "/prompt", 10)
+    query = PromptQuery(request_id="tool-1", boxes=request.boxes)
+    query.header.stamp.sec = 950
+    bad = PromptQuery(request_id="tool-2", boxes=[5.0, 5.0, 1.0, 1.0])
+    for _ in range(20):
+        publisher.publish(query)
+        publisher.publish(bad)
+        if client.wait_for("prompt_result", lambda m: m.request_id == "tool-2", 1.0):
+            break
+    good = client.wait_for("prompt_result", lambda m: m.request_id == "tool-1", 5.0)
+    refused = client.wait_for("prompt_result", lambda m: m.request_id == "tool-2", 5.0)
+    assert good is not None and good.success and len(good.masks) == 1 and good.header.stamp.sec == 950
+    assert refused is not None and not refused.success and "x2<=x1" in refused.message

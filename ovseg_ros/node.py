@@ -39,7 +39,13 @@ from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentat
 from ovseg_interfaces.srv import GetVocabulary, SegmentPrompt, SetVocabulary  # noqa: E402
 
 from .core.backends import BackendUnavailable  # noqa: E402
-from .core.dense import DenseConfig, DenseSegmenter, PreparedVocabulary, SegmentationResult  # noqa: E402
+from .core.dense import (  # noqa: E402
+    DenseConfig,
+    DenseSegmenter,
+    PreparedVocabulary,
+    SegmentationResult,
+    relabel,
+)
 from .core.geometry import DepthError, region_centroid  # noqa: E402
 from .core.overlay import blend, draw_prompt_answers  # noqa: E402
 from .core.prompt import PromptError, PromptSegmenter  # noqa: E402
@@ -417,12 +423,18 @@ class OvsegNode(LifecycleNode):
             rgb = image_to_rgb(frame.msg, max_pixels=limit)
         prepared = self._prepared  # one reference for the whole frame: outputs never mix versions
         result = self.segmenter.segment(rgb, prepared)
-        self._publish(frame.msg, rgb, result, prepared)
         stamp = frame.msg.header.stamp
         key = (stamp.sec, stamp.nanosec)
-        paired = self._publish_3d(frame.msg.header, rgb, result, prepared) if self.depth is not None else None
         if self.prompter is not None:
             self.prompter.add_frame(key, rgb, result.dense_features)
+            if self.segmenter.config.refinement == "sam":
+                start = time.perf_counter()
+                refined = self.prompter.refine_dense(key, result.labels, prepared, result.selected_classes)
+                result = relabel(result, refined, prepared, self.segmenter.config.score_threshold)
+                result.timings_ms["sam_refinement"] = (time.perf_counter() - start) * 1000
+        self._publish(frame.msg, rgb, result, prepared)
+        paired = self._publish_3d(frame.msg.header, rgb, result, prepared) if self.depth is not None else None
+        if self.prompter is not None:
             self._frame_headers[key] = frame.msg.header
             if paired is not None:
                 self._frame_depth[key] = paired

@@ -199,3 +199,41 @@ def test_prompt_topic_pair(node):
     refused = client.wait_for("prompt_result", lambda m: m.request_id == "tool-2", 5.0)
     assert good is not None and good.success and len(good.masks) == 1 and good.header.stamp.sec == 950
     assert refused is not None and not refused.success and "x2<=x1" in refused.message
+
+
+def test_sam_refinement_and_segment_everything_outputs(node):
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    from ovseg_interfaces.msg import Segmentation
+
+    proc, client, prompt_client = node
+    service = client.node.create_client(SetParameters, "/ovseg/set_parameters")
+    assert service.wait_for_service(timeout_sec=10)
+    request = SetParameters.Request(parameters=[
+        Parameter(name="refinement", value=ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="sam")),
+        Parameter(name="segment_everything", value=ParameterValue(type=ParameterType.PARAMETER_BOOL,
+                                                                  bool_value=True)),
+    ])
+    assert all(r.successful for r in client.call(service, request).results)
+    client.subscribe("instances", Segmentation)
+    scene = generate_scene(21, size=(240, 320), split="eval")
+    header = Header(frame_id="cam")
+    header.stamp.sec = 990
+    for _ in range(10):
+        client.publish_image(rgb_to_image(scene.image, header))
+        if client.wait_for("instances", lambda m: m.header.stamp.sec == 990, 3.0) is not None:
+            break
+    instances = client.wait_for("instances", lambda m: m.header.stamp.sec == 990, 1.0)
+    seg = client.wait_for("segmentation", lambda m: m.header.stamp.sec == 990, 1.0)
+    assert instances is not None and seg is not None, proc.output()[-2000:]
+    ids = image_to_array(instances.labels)
+    assert ids.shape == (240, 320) and len(instances.class_names) == len(instances.class_ids) >= 1
+    assert set(np.unique(ids)) <= {0, *instances.class_ids}
+    assert all(name in world_vocabulary() for name in instances.class_names)
+    request = SetParameters.Request(parameters=[
+        Parameter(name="refinement", value=ParameterValue(type=ParameterType.PARAMETER_STRING, string_value="none")),
+        Parameter(name="segment_everything", value=ParameterValue(type=ParameterType.PARAMETER_BOOL,
+                                                                  bool_value=False)),
+    ])
+    assert all(r.successful for r in client.call(service, request).results)

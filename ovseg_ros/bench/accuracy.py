@@ -12,7 +12,7 @@ import time
 import cv2
 import numpy as np
 
-from ..core.dense import DenseConfig, DenseSegmenter
+from ..core.dense import DenseConfig, DenseSegmenter, relabel
 from ..core.metrics import ConfusionMatrix, mask_iou
 from ..core.registry import load_clip
 from ..core.text_cache import TextEmbeddingCache
@@ -48,7 +48,7 @@ def distractor_names(count: int) -> list[str]:
 
 def evaluate_dense(clip: str | DenseSegmenter, scenes: int = 100, size: int | tuple[int, int] = 224,
                    config: DenseConfig | None = None, seed_base: int = EVAL_SEED_BASE,
-                   distractors: int = 0) -> dict:
+                   distractors: int = 0, prompter=None) -> dict:
     """Dense mIoU over the world vocabulary (plus `distractors` names that never occur) on `scenes` evaluation
     scenes (half the objects novel). A pixel labelled with a distractor counts as wrong."""
     segmenter = clip if isinstance(clip, DenseSegmenter) else make_segmenter(clip, config or DenseConfig())
@@ -60,6 +60,10 @@ def evaluate_dense(clip: str | DenseSegmenter, scenes: int = 100, size: int | tu
         scene = generate_scene(seed_base + i, size=size, split="eval")
         start = time.perf_counter()
         result = segmenter.segment(scene.image, prepared)
+        if segmenter.config.refinement == "sam" and prompter is not None:
+            prompter.add_frame((i, 1), scene.image, result.dense_features)
+            result = relabel(result, prompter.refine_dense((i, 1), result.labels, prepared, result.selected_classes),
+                             prepared, segmenter.config.score_threshold)
         times.append(time.perf_counter() - start)
         kept.append(len(result.selected_classes))
         predicted = result.labels.copy()
@@ -148,16 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distractors", type=int, default=0, help="extra names that never occur (max 778)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
+    if args.refinement == "sam" and not args.sam:
+        parser.error("--refinement sam needs --sam")
     config = DenseConfig(variant=args.variant, selection_threshold=args.selection,
                          tag_validation_top_k=args.tag_validation, refinement=args.refinement)
     segmenter = make_segmenter(args.clip, config)
-    results = {"clip": segmenter.encoder.model_id,
-               **evaluate_dense(segmenter, args.scenes, distractors=args.distractors)}
+    prompter = None
     if args.sam:
         from ..core.prompt import PromptSegmenter
         from ..core.registry import load_sam
 
         prompter = PromptSegmenter(load_sam(args.sam), segmenter.encoder, cache_size=2)
+    results = {"clip": segmenter.encoder.model_id,
+               **evaluate_dense(segmenter, args.scenes, distractors=args.distractors, prompter=prompter)}
+    if prompter is not None:
         results.update(sam=args.sam, **evaluate_prompts(segmenter, prompter, args.scenes))
     print(f"{'metric':28s} {'value':>8s} {'target':>8s}")
     for key, value in results.items():

@@ -17,7 +17,7 @@ from .clip_dense import DENSE_VARIANTS, ClipDenseEncoder
 from .text_cache import TextEmbeddingCache
 from .vocabulary import UNLABELLED, Vocabulary
 
-REFINEMENTS = ("none", "guided")
+REFINEMENTS = ("none", "guided", "sam")  # "sam" is applied by the caller that owns SAM (PromptSegmenter)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
@@ -300,6 +300,16 @@ def upsample_argmax(logits: torch.Tensor, size: tuple[int, int], chunk: int,
             lse = torch.logaddexp(lse, part_lse)
     confidence = torch.exp(best - lse)
     return best_idx.to(torch.int64).cpu().numpy(), confidence.cpu().numpy().astype(np.float32)
+
+
+def relabel(result: SegmentationResult, labels: np.ndarray, prepared: PreparedVocabulary,
+            threshold: float) -> SegmentationResult:
+    """The same frame's result with a refined label map (statistics recomputed, timings and features kept)."""
+    refined = summarise(labels, result.confidence, prepared, threshold)
+    refined.timings_ms = result.timings_ms
+    refined.dense_features = result.dense_features
+    refined.selected_classes = result.selected_classes
+    return refined
 
 
 def summarise(class_index: np.ndarray, confidence: np.ndarray, prepared: PreparedVocabulary,

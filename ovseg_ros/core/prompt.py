@@ -260,6 +260,42 @@ class PromptSegmenter:
         text = prepared.text_embeddings.to(global_emb.device)
         return torch.softmax(self.encoder.logit_scale * global_emb.float() @ text.T, dim=-1).cpu()
 
+    # ------------------------------------------------------------------ dense refinement
+    @torch.inference_mode()
+    def refine_dense(self, key: tuple[int, int], labels: np.ndarray, prepared: PreparedVocabulary,
+                     candidates: list[int] | None = None, min_area_fraction: float = 0.002,
+                     max_regions: int = 32) -> np.ndarray:
+        """SAM refinement of a dense label map: each connected region becomes a box prompt, SAM's mask replaces
+        the blocky region, and the mask is labelled by pooling the frame's CLIP features under it (restricted
+        to the candidate classes, e.g. those category selection kept). Larger masks are painted first."""
+        frame = self.frame(key)
+        height, width = labels.shape
+        min_area = max(16, int(min_area_fraction * height * width))
+        boxes = []
+        for class_id in np.unique(labels):
+            if class_id == 65535:
+                continue
+            count, _, stats, _ = cv2.connectedComponentsWithStats((labels == class_id).astype(np.uint8), 8)
+            for x, y, w, h, area in stats[1:]:
+                if area >= min_area:
+                    boxes.append((area, np.array([x, y, x + w, y + h], np.float32)))
+        if not boxes:
+            return labels
+        boxes = [box for _, box in sorted(boxes, key=lambda item: -item[0])[:max_regions]]
+        _, answers = self.query(frame.key, [Prompt(box=box) for box in boxes], prepared)
+        masks = np.stack([a.mask for a in answers])
+        probabilities = self.classify_masks(frame, masks, prepared)
+        if candidates is not None and len(candidates) < probabilities.shape[1]:
+            allowed = torch.zeros(probabilities.shape[1], dtype=torch.bool)
+            allowed[candidates] = True
+            probabilities = probabilities.masked_fill(~allowed, 0)
+        refined = labels.copy()
+        order = np.argsort([-m.sum() for m in masks])
+        for index in order:
+            if masks[index].any():
+                refined[masks[index]] = int(probabilities[index].argmax())
+        return refined
+
     # ------------------------------------------------------------------ segment everything
     @torch.inference_mode()
     def segment_everything(self, key: tuple[int, int] | None, prepared: PreparedVocabulary,

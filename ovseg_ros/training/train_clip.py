@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         if now - last_log > 30:
             print(
                 f"{(now - t0) / 60:5.1f} min step {step} imgs {seen_images} lr {lr:.2e} "
-                f"contrastive {loss_contrastive.item():.3f} dense {loss_dense.item():.3f}",
+                f"contrastive {loss_contrastive.item():.3f} dense {loss_dense.item():.3f} "
+                f"object {loss_object.item():.3f}",
                 flush=True,
             )
             last_log = now

@@ -66,8 +66,8 @@ def validate_labels(labels: object, limits: VocabularyLimits = VocabularyLimits(
         # What arrives when a client sends a string where a list belongs (`{labels: 'cat,dog'}` in YAML):
         # the string is taken as a sequence and split into characters.
         raise VocabularyError(
-            "labels must be a list of class names, not one string split into characters "
-            f"({''.join(labels)[:40]!r}); send e.g. labels: ['cat', 'dog']"
+            f"every label is a single character ({''.join(labels)[:40]!r}): labels must be a list of class names, "
+            "not one string split into characters; send e.g. labels: ['cat', 'dog']"
         )
     if len(labels) > limits.max_classes:
         raise VocabularyError(f"{len(labels)} classes exceed the limit of {limits.max_classes} (max_classes)")

@@ -1,0 +1,54 @@
+"""`ovseg segment` on a folder of images and a video, as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+
+from ovseg_ros.synth.world import generate_scene
+
+VOCAB = "grass,water,sky,wall,sand,red circle,blue star"
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ovseg_ros.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_segment_folder_and_video(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        scene = generate_scene(900_000 + i, size=(120, 160), split="eval")
+        cv2.imwrite(str(images / f"frame{i}.png"), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR))
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (160, 120))
+    for i in range(3):
+        writer.write(cv2.cvtColor(generate_scene(i, size=(120, 160), split="eval").image, cv2.COLOR_RGB2BGR))
+    writer.release()
+    out = tmp_path / "out"
+    proc = run("segment", str(images), str(video), "--vocab", VOCAB, "--out", str(out), "--quiet",
+               "--selection", "0.3", "--tag-validation", "3")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [f["name"] for f in summary["frames"]] == ["frame0", "frame1", "clip_000000", "clip_000001", "clip_000002"]
+    assert summary["vocabulary"] == VOCAB.split(",")
+    labels = cv2.imread(str(out / "frame0_labels.png"), cv2.IMREAD_UNCHANGED)
+    assert labels.dtype == np.uint16 and labels.shape == (120, 160)
+    frame = summary["frames"][0]
+    assert {c["id"] for c in frame["classes"]} == set(np.unique(labels).tolist()) - {65535}
+    assert abs(sum(c["area"] for c in frame["classes"]) - 1.0) < 1e-3
+    assert cv2.imread(str(out / "clip_000002_overlay.png")).shape == (120, 160, 3)
+
+
+def test_bad_inputs_exit_2_with_a_message(tmp_path):
+    missing = run("segment", str(tmp_path / "nope.png"), "--vocab", "cat,dog", "--out", str(tmp_path / "o"), "--quiet")
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    broken = run("segment", str(tmp_path / "broken.png"), "--vocab", "cat,dog", "--out", str(tmp_path / "o"), "--quiet")
+    assert broken.returncode == 2 and "cannot read image" in broken.stderr
+    empty = run("segment", str(tmp_path / "broken.png"), "--vocab", ",", "--out", str(tmp_path / "o"), "--quiet")
+    assert empty.returncode == 2 and "empty" in empty.stderr

@@ -153,5 +153,7 @@ def test_rviz_config_shows_topics_the_node_publishes():
     config = yaml.safe_load((ROOT / "config" / "ovseg.rviz").read_text())
     displays = config["Visualization Manager"]["Displays"]
     topics = {d["Topic"]["Value"] for d in displays if "Topic" in d}
-    assert topics == {"/overlay", "/labels"}
+    assert topics == {"/overlay", "/labels", "/labels_cloud", "/labels_markers"}
+    classes = {d["Topic"]["Value"]: d["Class"] for d in displays}
+    assert classes["/labels_cloud"].endswith("PointCloud2") and classes["/labels_markers"].endswith("MarkerArray")
     assert all(d["Class"].startswith("rviz_default_plugins/") for d in displays)

@@ -96,3 +96,34 @@ def test_restart_restores_the_persisted_vocabulary(tmp_path, make_client):
         assert len(client.get_vocabulary().labels) == 8  # fell back to the parameter
     finally:
         assert third.stop() == 0
+
+
+def test_two_cameras_two_namespaced_nodes(tmp_path, make_client):
+    """The multi-camera design: one node per camera namespace, running side by side without cross-talk."""
+    procs = {ns: start_node(tmp_path, name="ovseg", namespace=ns) for ns in ("front", "rear")}
+    clients = {ns: make_client(f"/{ns}") for ns in procs}
+    try:
+        for ns, client in clients.items():
+            assert client.wait_ready(90), procs[ns].output()
+        assert clients["front"].set_vocabulary(["grass", "sky"]).success
+        assert clients["rear"].set_vocabulary(["water", "sand", "red circle"]).success
+        frames = {"front": (generate_scene(1, size=(120, 160)).image, 31),
+                  "rear": (generate_scene(2, size=(96, 128)).image, 32)}
+        for _ in range(10):
+            for ns, (image, sec) in frames.items():
+                header = Header(frame_id=f"{ns}_camera")
+                header.stamp.sec = sec
+                clients[ns].publish_image(rgb_to_image(image, header))
+            if all(clients[ns].wait_for("segmentation", lambda m, s=sec: m.header.stamp.sec == s, 1.0)
+                   for ns, (_, sec) in frames.items()):
+                break
+        front = clients["front"].wait_for("segmentation", lambda m: m.header.stamp.sec == 31, 5.0)
+        rear = clients["rear"].wait_for("segmentation", lambda m: m.header.stamp.sec == 32, 5.0)
+        assert front is not None and rear is not None
+        assert (front.labels.width, front.header.frame_id) == (160, "front_camera")
+        assert (rear.labels.width, rear.header.frame_id) == (128, "rear_camera")
+        assert set(front.class_names) <= {"grass", "sky"} and set(rear.class_names) <= {"water", "sand", "red circle"}
+        assert all(m.header.frame_id == "front_camera" for m in clients["front"].received["segmentation"])
+    finally:
+        for proc in procs.values():
+            assert proc.stop() == 0

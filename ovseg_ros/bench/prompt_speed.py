@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 import torch
@@ -20,16 +19,7 @@ from ..core.registry import load_sam
 from ..core.vocabulary import Vocabulary
 from ..synth.world import generate_scene, world_vocabulary
 from .accuracy import make_segmenter
-from .speed import machine_info
-
-
-def median_ms(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return round(float(np.median(times)), 1)
+from .speed import machine_info, median_ms
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -91,6 +91,40 @@ def time_segment(segmenter: DenseSegmenter, image: np.ndarray, prepared, runs: i
     return row
 
 
+def depth_output_costs(image: np.ndarray, labels: np.ndarray, runs: int) -> list[dict]:
+    """Per-frame cost of the 3D outputs (cloud + markers) at the image size, full and down-sampled."""
+    from std_msgs.msg import Header
+
+    from ..core.geometry import Intrinsics
+    from ..depth_output import PairedDepth, class_markers, labelled_cloud
+
+    height, width = labels.shape
+    depth = np.full((height, width), 2.0, np.float32)
+    depth[labels == labels[height // 2, width // 2]] = 1.0
+    paired = PairedDepth(depth, Intrinsics(500.0, 500.0, width / 2, height / 2, width, height), "camera", 0.0)
+    confidence = np.ones(labels.shape, np.float32)
+    class_ids = [int(c) for c in np.unique(labels)]
+    names = [f"class {i}" for i in range(int(labels.max()) + 1)]
+    rows = []
+    for stride in (1, 4):
+        cloud_ms = median_ms(lambda s=stride: labelled_cloud(Header(), paired, image, labels, confidence, 10.0, s),
+                             runs)
+        points = len(np.arange(0, height, stride)) * len(np.arange(0, width, stride))
+        rows.append({"output": f"labels_cloud stride {stride}", "points": points, "ms": cloud_ms})
+    markers_ms = median_ms(lambda: class_markers(Header(), paired, labels, class_ids, names, len(names), True), runs)
+    rows.append({"output": f"labels_markers ({len(class_ids)} classes)", "points": 0, "ms": markers_ms})
+    return rows
+
+
+def median_ms(fn, runs: int) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return round(float(np.median(times)), 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clip", default="ViT-B-16", help="model (random init is fine for speed)")
@@ -105,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated backends, or 'all' (those that can run here)")
     parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
     parser.add_argument("--modes", default="full,dcs", help="full (every class) and/or dcs (category selection)")
+    parser.add_argument("--depth", action="store_true", help="also time the 3D outputs (cloud, markers)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -171,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = eager["image_encoder"] / row["image_encoder"]
                 print(f"{row['backend']} {row['precision']}: image tower {ratio:.2f}x vs torch fp32 eager "
                       f"({row['image_encoder']} vs {eager['image_encoder']} ms)")
+    if args.depth:
+        segmenter = DenseSegmenter(encoder, cache, base)
+        labels = segmenter.segment(image, segmenter.prepare(Vocabulary(tuple(world_vocabulary())))).labels
+        report["depth_outputs"] = depth_output_costs(image, labels, args.runs)
+        for row in report["depth_outputs"]:
+            print(f"3D: {row['output']:32s} {row['points']:>7} points {row['ms']:>8.2f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0

@@ -79,3 +79,24 @@ def test_ruff_is_clean():
     ruff = VENV_BIN / "ruff"
     proc = subprocess.run([str(ruff), "check", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_model_manifest_cli_lists_and_verifies_without_network():
+    cli = [sys.executable, "-m", "ovseg_ros.core.registry"]
+    listed = subprocess.run([*cli, "list"], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0, listed.stderr
+    for name in ("ovseg-demo-clip", "ovseg-demo-sam", "clip-vit-b16-openai", "sam-vit-b", "sam-vit-l", "sam-vit-h",
+                 "mobile-sam"):
+        assert name in listed.stdout
+    assert "not installed" in listed.stdout  # official weights are not on this machine
+    verified = subprocess.run([*cli, "verify", "ovseg-demo-clip", "ovseg-demo-sam"], capture_output=True, text=True,
+                              timeout=60)
+    assert verified.returncode == 0 and verified.stdout.count("ok") == 2, verified.stdout
+    refused = subprocess.run([*cli, "fetch", "ovseg-demo-clip"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "no download URL" in refused.stderr
+    import yaml
+
+    manifest = yaml.safe_load((ROOT / "models" / "manifest.yaml").read_text())["models"]
+    for name, entry in manifest.items():
+        assert len(entry["sha256"]) == 64 and entry["license"], name
+        assert entry.get("url", "").startswith("https://") or name.startswith("ovseg-demo"), name

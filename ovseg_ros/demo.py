@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_output", help="folder for overlay PNGs and summary.json")
     parser.add_argument("--clip", default="ovseg-demo-clip", help="CLIP model (manifest name or ARCH:/path)")
     parser.add_argument("--rate", type=float, default=2.0, help="camera frames per second")
+    parser.add_argument("--refinement", default="sam", choices=["none", "guided", "sam"],
+                        help="dense refinement (sam: SAM masks from the dense regions, the most accurate)")
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
 
@@ -36,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     domain = random.Random(os.getpid()).randint(30, 200)
     os.environ.update(ros_environment(domain_id=domain, log_dir=tempfile.mkdtemp(prefix="ovseg-demo-")))
     env = dict(os.environ)
-    node = Process(node_command("ovseg_ros.node", "ovseg", params={"clip_model": args.clip}), env,
+    node = Process(node_command("ovseg_ros.node", "ovseg", params={"clip_model": args.clip,
+                                                                "refinement": args.refinement}), env,
                    out / "ovseg_node.log")
     camera = Process(node_command("ovseg_ros.synthetic_camera", "synthetic_camera",
                                   params={"rate_hz": args.rate, "seed": 900_000}), env, out / "camera.log")

@@ -240,6 +240,8 @@ class OvsegNode(LifecycleNode):
         return DenseConfig(variant=value("dense_variant"), input_size=value("input_size"),
                            score_threshold=value("score_threshold"), window_stride=value("window_stride"),
                            selection_threshold=value("selection_threshold"),
+                           selection_patch_top_k=value("selection_patch_top_k"),
+                           selection_suppression=value("selection_suppression"),
                            tag_validation_top_k=value("tag_validation_top_k"), refinement=value("refinement"),
                            precision=value("precision"))
 
@@ -375,7 +377,7 @@ class OvsegNode(LifecycleNode):
                 return SetParametersResult(successful=False, reason=reason)
             changes[param.name] = param.value
         dense_keys = {"dense_variant", "input_size", "score_threshold", "window_stride", "selection_threshold",
-                      "tag_validation_top_k", "refinement"}
+                      "selection_patch_top_k", "selection_suppression", "tag_validation_top_k", "refinement"}
         if self.segmenter is not None and dense_keys & set(changes):
             try:
                 config = self._dense_config(changes)

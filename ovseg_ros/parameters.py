@@ -70,8 +70,12 @@ SPECS: tuple[ParamSpec, ...] = (
               low=0, high=2048),
     ParamSpec("score_threshold", 0.0, "pixels whose class probability is below this are unlabelled (65535)",
               low=0.0, high=1.0),
-    ParamSpec("selection_threshold", 0.0, "dynamic category selection tau (relative to the best class); 0 = off",
+    ParamSpec("selection_threshold", 0.3, "dynamic category selection tau (relative to the best class); 0 = off",
               low=0.0, high=1.0),
+    ParamSpec("selection_patch_top_k", 6, "category selection: classes in any patch's top-k are kept", low=1,
+              high=100),
+    ParamSpec("selection_suppression", 0.0, "category selection: weight of the image-level score in the patch "
+              "ranking (DCP-CLIP's suppression)", low=0.0, high=10.0),
     ParamSpec("tag_validation_top_k", 0, "tag validation: relabel a region whose label is not in its pooled top-k; "
               "0 = off", low=0, high=100),
     ParamSpec("refinement", "none", "edge-aware refinement of the class maps", choices=REFINEMENTS),

@@ -31,8 +31,11 @@ class DenseConfig:
     class_chunk: int = 64  # classes upsampled at once; bounds memory for large vocabularies
     window_stride: int = 0  # >0: slide native-size windows with this stride (model pixels) over larger inputs
     selection_threshold: float = 0.0  # DCS tau, relative to the best class; 0 disables category selection
-    selection_patch_top_k: int = 2  # DCS patch level: classes in any patch's top-k join the candidates
+    selection_patch_top_k: int = 6  # DCS patch level: classes in any patch's top-k join the candidates
     selection_min_classes: int = 1  # DCS never keeps fewer than this (best image-level scores)
+    # Weight of log(image-level score) added to the patch logits before the patch top-k (DCP-CLIP's image-level
+    # suppression). 0 by default: with the demo CLIP it removed stuff classes (README, accuracy figures).
+    selection_suppression: float = 0.0
     tag_validation_top_k: int = 0  # >0: relabel a region whose label is not in its mask-pooled top-k
     refinement: str = "none"  # "none" or "guided" (edge-aware guided filter on the class maps)
     precision: str = "fp32"  # "fp32", or autocast to "bf16" (CPU matrix units) / "fp16" (CUDA)
@@ -178,7 +181,9 @@ class DenseSegmenter:
             return everything
         image_prob = torch.softmax(self.encoder.logit_scale * global_emb.float() @ text.T, dim=-1)[0]
         image_set = image_prob >= tau * image_prob.max()
-        suppressed = patch_logits.float().reshape(-1, classes) + torch.log(image_prob + 1e-8)
+        suppressed = patch_logits.float().reshape(-1, classes)
+        if self.config.selection_suppression:
+            suppressed = suppressed + self.config.selection_suppression * torch.log(image_prob + 1e-8)
         k = min(self.config.selection_patch_top_k, classes)
         patch_set = torch.zeros(classes, dtype=torch.bool, device=patch_logits.device)
         patch_set[suppressed.topk(k, dim=-1).indices.unique()] = True

@@ -149,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--selection", type=float, default=0.0, help="category selection tau; 0 disables")
     parser.add_argument("--tag-validation", type=int, default=0)
     parser.add_argument("--refinement", default="none")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--distractors", type=int, default=0, help="extra names that never occur (max 778)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.refinement == "sam" and not args.sam:
         parser.error("--refinement sam needs --sam")
-    config = DenseConfig(variant=args.variant, selection_threshold=args.selection,
+    config = DenseConfig(variant=args.variant, selection_threshold=args.selection, precision=args.precision,
                          tag_validation_top_k=args.tag_validation, refinement=args.refinement)
     segmenter = make_segmenter(args.clip, config)
     prompter = None

@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                     except BackendUnavailable as exc:
                         print(f"[speed] backend {backend} skipped: {exc}")
                         break
+                    except Exception as exc:  # one failing backend must not hide the others' figures
+                        print(f"[speed] backend {backend} {precision} failed: {exc!r}")
+                        break
                     rows.append({"backend": backend, "precision": precision, "classes": count, "mode": mode,
                                  **timed})
     reference = [r for r in rows if r["backend"] == backends[0] and r["precision"] == "fp32"] or rows

@@ -137,7 +137,8 @@ class DenseSegmenter:
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, 3, H, W) normalised -> (global (1, D), dense (1, h, w, D)); sliding windows when configured."""
-        if self.config.precision != "fp32":
+        if self.config.precision != "fp32" and self.backend in ("torch", "torch-compile", "auto"):
+            # Exported backends (ONNX Runtime, TensorRT) take float32 in and apply their own precision.
             dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
             with torch.autocast(self.encoder.device.type, dtype=dtype):
                 global_emb, dense = self._encode(pixels)

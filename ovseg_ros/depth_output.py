@@ -25,7 +25,7 @@ from .core.geometry import (
     region_centroid,
 )
 from .core.overlay import palette
-from .image_conversions import as_uint8_buffer
+from .image_conversions import ImageError, pixel_array
 
 try:
     from sensor_msgs_py import point_cloud2
@@ -49,15 +49,12 @@ def depth_array(msg: Image) -> np.ndarray:
     dtypes = {"16UC1": np.uint16, "mono16": np.uint16, "32FC1": np.float32}
     if msg.encoding not in dtypes:
         raise DepthError(f"depth encoding '{msg.encoding}' is not supported; use 16UC1 (mm) or 32FC1 (m)")
-    dtype = np.dtype(dtypes[msg.encoding])
-    row_bytes = msg.width * dtype.itemsize
-    if msg.height == 0 or msg.width == 0 or msg.step < row_bytes or len(msg.data) != msg.step * msg.height:
-        raise DepthError(f"depth image {msg.width}x{msg.height} step {msg.step} does not match its "
-                         f"{len(msg.data)} bytes of data")
-    rows = as_uint8_buffer(msg.data).reshape(msg.height, msg.step)[:, :row_bytes]
-    array = rows.copy().view(dtype).reshape(msg.height, msg.width)
-    if msg.is_bigendian != (not np.little_endian):
-        array = array.byteswap()
+    if msg.height == 0 or msg.width == 0:
+        raise DepthError("depth image is empty")
+    try:
+        array = pixel_array(msg, dtypes[msg.encoding], 1)
+    except ImageError as exc:
+        raise DepthError(f"depth image: {exc}") from exc
     return depth_to_metres(array, msg.encoding)
 
 

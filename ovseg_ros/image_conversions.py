@@ -39,27 +39,14 @@ def image_to_rgb(msg: Image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if encoding not in _DECODERS:
         raise ImageError(f"unsupported encoding '{msg.encoding}'; supported: {', '.join(SUPPORTED_ENCODINGS)}")
     channels, dtype, conversion = _DECODERS[encoding]
-    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    height, width = int(msg.height), int(msg.width)
     if height == 0 or width == 0:
         raise ImageError(f"empty image ({width}x{height})")
     if height * width > max_pixels:
         raise ImageError(f"image {width}x{height} exceeds the limit of {max_pixels} pixels")
     if encoding in ("yuv422_yuy2", "yuyv", "uyvy", "yuv422") and width % 2:
         raise ImageError(f"{encoding} needs an even width, got {width}")
-    row_bytes = width * channels * dtype.itemsize
-    if step < row_bytes:
-        raise ImageError(f"step {step} is smaller than width*bytes_per_pixel = {row_bytes} for {encoding}")
-    data = msg.data
-    expected = step * height
-    if len(data) != expected:
-        raise ImageError(f"data length {len(data)} does not match step*height = {step}*{height} = {expected}")
-    buffer = as_uint8_buffer(data)
-    rows = buffer.reshape(height, step)[:, :row_bytes]
-    pixels = rows.copy().view(dtype)
-    big_endian_host = np.little_endian is False
-    if dtype.itemsize > 1 and bool(msg.is_bigendian) != big_endian_host:
-        pixels = pixels.byteswap()
-    pixels = pixels.reshape(height, width, channels) if channels > 1 else pixels.reshape(height, width)
+    pixels = pixel_array(msg, dtype, channels)
     if dtype == np.uint16:  # mono16: scale the used range to 8 bit (a depth or IR camera's full range is rare)
         peak = int(pixels.max()) or 1
         pixels = (pixels.astype(np.float32) * (255.0 / peak)).astype(np.uint8)
@@ -125,15 +112,26 @@ def as_uint8_buffer(data) -> np.ndarray:
         return np.asarray(data, dtype=np.uint8)
 
 
+def pixel_array(msg: Image, dtype, channels: int) -> np.ndarray:
+    """The message's pixels as (H, W[, C]) of dtype, honouring step padding and byte order; ImageError if the
+    step or the data length do not fit."""
+    dtype = np.dtype(dtype)
+    height, width, step = int(msg.height), int(msg.width), int(msg.step)
+    row_bytes = width * channels * dtype.itemsize
+    if step < row_bytes:
+        raise ImageError(f"step {step} is smaller than width*bytes_per_pixel = {row_bytes} for {msg.encoding}")
+    if len(msg.data) != step * height:
+        raise ImageError(f"data length {len(msg.data)} does not match step*height = {step}*{height} = "
+                         f"{step * height}")
+    pixels = as_uint8_buffer(msg.data).reshape(height, step)[:, :row_bytes].copy().view(dtype)
+    if dtype.itemsize > 1 and bool(msg.is_bigendian) == np.little_endian:
+        pixels = pixels.byteswap()
+    return pixels.reshape(height, width, channels) if channels > 1 else pixels.reshape(height, width)
+
+
 def image_to_array(msg: Image) -> np.ndarray:
     """Raw view of mono8/mono16/rgb8 images as numpy (for consumers of our own outputs: labels, masks)."""
     dtypes = {"mono8": (np.uint8, 1), "mono16": (np.uint16, 1), "rgb8": (np.uint8, 3), "bgr8": (np.uint8, 3)}
     if msg.encoding not in dtypes:
         raise ImageError(f"image_to_array handles {', '.join(dtypes)}, not {msg.encoding}")
-    dtype, channels = dtypes[msg.encoding]
-    row_bytes = msg.width * channels * np.dtype(dtype).itemsize
-    buffer = as_uint8_buffer(msg.data).reshape(msg.height, msg.step)[:, :row_bytes]
-    array = buffer.copy().view(dtype)
-    if np.dtype(dtype).itemsize > 1 and bool(msg.is_bigendian) == np.little_endian:
-        array = array.byteswap()
-    return array.reshape(msg.height, msg.width, channels) if channels > 1 else array.reshape(msg.height, msg.width)
+    return pixel_array(msg, *dtypes[msg.encoding])

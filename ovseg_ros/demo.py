@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     node = Process(node_command("ovseg_ros.node", "ovseg", params={"clip_model": args.clip,
                                                                 "refinement": args.refinement}), env,
                    out / "ovseg_node.log")
+    # The camera waits until the node and this demo subscribe, so the same scenes are scored on every run.
     camera = Process(node_command("ovseg_ros.synthetic_camera", "synthetic_camera",
-                                  params={"rate_hz": args.rate, "seed": 900_000}), env, out / "camera.log")
+                                  params={"rate_hz": args.rate, "seed": 900_000, "wait_for_subscribers": 2}),
+                     env, out / "camera.log")
     print(f"[demo] ROS_DOMAIN_ID={domain}; node and camera started (logs in {out}/)", flush=True)
     try:
         return run_demo(args, out, node, camera)
@@ -64,7 +66,6 @@ def run_demo(args, out: Path, node: Process, camera: Process) -> int:
     from .synth.world import world_vocabulary
 
     client = OvsegClient("", name="ovseg_demo", extra_topics={"ground_truth/labels": Image})
-    client.subscribe("image", Image, qos_profile_sensor_data)  # the camera publishes best-effort
     try:
         if not client.wait_ready(timeout=args.timeout):
             print("[demo] the node did not come up:\n" + node.output()[-3000:], file=sys.stderr)
@@ -75,6 +76,7 @@ def run_demo(args, out: Path, node: Process, camera: Process) -> int:
         if not response.success:
             return 1
         client.clear()
+        client.subscribe("image", Image, qos_profile_sensor_data)  # the camera starts once this subscribes
         total = ConfusionMatrix(len(vocab))
         rows = []
         deadline = time.monotonic() + args.timeout

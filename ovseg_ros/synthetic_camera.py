@@ -32,6 +32,8 @@ class SyntheticCamera(Node):
         self.declare_parameter("frame_id", "synthetic_camera_optical", describe(description="header frame_id"))
         self.declare_parameter("max_frames", 0, describe(description="stop publishing after this many; 0 = never"))
         self.declare_parameter("reliable", False, describe(description="reliable QoS instead of sensor data"))
+        self.declare_parameter("wait_for_subscribers", 0, describe(
+            description="publish only once `image` has this many subscribers (a reproducible demo start)"))
         reliable = self.get_parameter("reliable").value
         qos = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE) if reliable else qos_profile_sensor_data
         self.pub_image = self.create_publisher(Image, "image", qos)
@@ -42,6 +44,8 @@ class SyntheticCamera(Node):
     def _tick(self) -> None:
         limit = self.get_parameter("max_frames").value
         if limit and self.count >= limit:
+            return
+        if self.pub_image.get_subscription_count() < self.get_parameter("wait_for_subscribers").value:
             return
         size = (self.get_parameter("height").value, self.get_parameter("width").value)
         scene = generate_scene(self.get_parameter("seed").value + self.count, size=size,

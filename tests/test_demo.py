@@ -1,0 +1,21 @@
+"""The README's main job, end to end: node + synthetic camera processes, vocabulary over the service, scoring."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_demo_runs_and_segments_for_real(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "ovseg_ros.demo", "--frames", "4", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == 4 and summary["classes"] == 69
+    assert [row["frame"] for row in summary["rows"]] == [0, 1, 2, 3]
+    assert all((out / f"frame_{i:02d}.png").is_file() for i in range(4))
+    # Measured 0.45 mean per-frame mIoU and 0.91 pixel accuracy on 8 frames (README): a floor, not a target.
+    assert summary["mean_frame_miou"] >= 0.25 and summary["pixel_accuracy"] >= 0.8, summary
+    assert "set_vocabulary: success=True" in proc.stdout

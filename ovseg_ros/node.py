@@ -584,7 +584,11 @@ class OvsegNode(LifecycleNode):
     def _publish_diagnostics(self) -> None:
         prepared, segmenter = self._prepared, self.segmenter
         state = self._state_machine.current_state[1] if hasattr(self, "_state_machine") else ""  # rclpy internal
-        backend = type(segmenter.runner()).name if segmenter is not None else self.get_parameter("backend").value
+        backend = self.get_parameter("backend").value
+        if segmenter is not None:
+            runner = segmenter.runner()
+            chosen = getattr(runner, "chosen", None)  # auto: the backend it measured fastest
+            backend = f"auto -> {chosen.name}" if chosen is not None else runner.name
         extra = {"lifecycle_state": state, "backend": backend, "precision": self.get_parameter("precision").value}
         if self.depth is not None:
             extra.update(depth_paired=str(self.depth.paired), depth_unpaired=str(self.depth.unpaired),

@@ -58,8 +58,8 @@ SPECS: tuple[ParamSpec, ...] = (
               read_only=True),
     ParamSpec("device", "cpu", "torch device: cpu, cuda, cuda:N", read_only=True),
     ParamSpec("precision", "fp32", "model precision", read_only=True, choices=("fp32", "bf16", "fp16")),
-    ParamSpec("backend", "torch", "inference backend of the image tower (auto: tensorrt, onnxruntime-cuda, torch on a "
-              "GPU; torch on a CPU)", read_only=True,
+    ParamSpec("backend", "torch", "inference backend of the image tower (auto: time the available ones on the "
+              "first frame and keep the fastest)", read_only=True,
               choices=("auto", "torch", "torch-compile", "onnxruntime", "tensorrt")),
     ParamSpec("engine_cache_dir", "", "directory for compiled engines/exports; empty = ~/.cache/ovseg_ros/engines",
               read_only=True),

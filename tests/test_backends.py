@@ -57,12 +57,46 @@ def test_onnxruntime_matches_eager_and_reuses_its_cache(encoder, tmp_path):
     assert rebuilt.export_seconds  # a corrupt entry is rebuilt, never a crash
 
 
-def test_tensorrt_needs_cuda_and_auto_falls_back_to_torch():
+def test_tensorrt_needs_cuda_and_auto_picks_the_fastest(tmp_path):
     encoder = load_clip("ovseg-demo-vit")
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(BackendUnavailable, match="CUDA"):
         make_runner(encoder, "plain", "tensorrt")
-    assert make_runner(encoder, "plain", "auto").name == "torch"
+    auto = make_runner(encoder, "plain", "auto", cache_dir=tmp_path)
+    pixels = pixels_for(encoder)
+    reference = make_runner(encoder, "plain", "torch")(pixels)
+    assert (auto(pixels)[1] - reference[1]).abs().max() < TOLERANCE
+    assert set(auto.timings_ms) == {"onnxruntime", "torch"}  # both timed on the first frame
+    assert auto.chosen.name == min(auto.timings_ms, key=auto.timings_ms.get)
     with pytest.raises(ValueError, match="unknown backend"):
         make_runner(encoder, "plain", "tflite")
+
+
+def test_node_with_the_auto_backend(tmp_path, make_client):
+    from conftest import start_node
+    from diagnostic_msgs.msg import DiagnosticArray
+    from std_msgs.msg import Header
+
+    from ovseg_ros.image_conversions import rgb_to_image
+    from ovseg_ros.synth.world import generate_scene
+
+    proc = start_node(tmp_path, name="ovseg_auto", namespace="auto",
+                      params={"backend": "auto", "engine_cache_dir": str(tmp_path / "engines")})
+    client = make_client("/auto")
+    client.subscribe("/diagnostics", DiagnosticArray)
+    try:
+        assert client.wait_ready(90), proc.output()
+        header = Header(frame_id="cam")
+        header.stamp.sec = 42
+        image = rgb_to_image(generate_scene(1, size=(120, 160)).image, header)
+        for _ in range(20):
+            client.publish_image(image)
+            if client.wait_for("segmentation", lambda m: m.header.stamp.sec == 42, 2.0):
+                break
+        assert client.wait_for("segmentation", lambda m: m.header.stamp.sec == 42, 1.0) is not None, proc.output()
+        status = client.wait_for("/diagnostics", lambda m: any(
+            kv.key == "backend" and kv.value.startswith("auto -> ") for kv in m.status[0].values), 10.0)
+        assert status is not None
+    finally:
+        assert proc.stop() == 0

@@ -230,9 +230,42 @@ class TensorRTRunner(TowerRunner):
         return global_emb.float(), dense.float()
 
 
+class AutoRunner(TowerRunner):
+    """Times every available backend on the first real input and keeps the fastest (logged with the timings)."""
+
+    name = "auto"
+
+    def __init__(self, tower: DenseTower, candidates: list[TowerRunner], runs: int = 3) -> None:
+        super().__init__(tower)
+        self.candidates = candidates or [TowerRunner(tower)]
+        self.runs = runs
+        self.chosen: TowerRunner | None = None
+        self.timings_ms: dict[str, float] = {}
+
+    def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.chosen is None:
+            for runner in self.candidates:
+                try:
+                    runner(pixels)  # warm-up: export / compile / engine build happen here
+                    times = []
+                    for _ in range(self.runs):
+                        start = time.perf_counter()
+                        runner(pixels)
+                        times.append((time.perf_counter() - start) * 1000)
+                    self.timings_ms[runner.name] = sorted(times)[len(times) // 2]
+                except Exception as exc:  # a backend that fails here is simply not chosen
+                    LOG.warning("backend auto: %s failed on the first frame (%s)", runner.name, exc)
+            fastest = min(self.timings_ms, key=self.timings_ms.get) if self.timings_ms else "torch"
+            self.chosen = next((r for r in self.candidates if r.name == fastest), TowerRunner(self.tower))
+            LOG.info("backend auto -> %s (median ms per backend: %s)", self.chosen.name,
+                     ", ".join(f"{k} {v:.1f}" for k, v in self.timings_ms.items()))
+        return self.chosen(pixels)
+
+
 def make_runner(encoder: ClipDenseEncoder, variant: str, backend: str, precision: str = "fp32",
                 cache_dir: str | Path | None = None) -> TowerRunner:
-    """Build one backend; 'auto' tries tensorrt, onnxruntime (CUDA) then torch, logging why each was skipped."""
+    """Build one backend; 'auto' times the available ones (tensorrt, onnxruntime, torch) on the first frame and
+    keeps the fastest, logging the timings and why any was skipped."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     tower = DenseTower(encoder, variant).eval()
     if backend == "torch":
@@ -244,13 +277,12 @@ def make_runner(encoder: ClipDenseEncoder, variant: str, backend: str, precision
     if backend == "tensorrt":
         return TensorRTRunner(tower, cache, encoder.model_id, "fp16" if precision == "fp32" else precision)
     if backend == "auto":
-        order = ["tensorrt", "onnxruntime", "torch"] if encoder.device.type == "cuda" else ["torch"]
+        candidates = []
+        order = ["tensorrt", "onnxruntime", "torch"] if encoder.device.type == "cuda" else ["onnxruntime", "torch"]
         for candidate in order:
             try:
-                runner = make_runner(encoder, variant, candidate, precision, cache)
-                LOG.info("backend auto -> %s", candidate)
-                return runner
+                candidates.append(make_runner(encoder, variant, candidate, precision, cache))
             except BackendUnavailable as exc:
                 LOG.info("backend auto: %s skipped (%s)", candidate, exc)
-        return TowerRunner(tower)
+        return AutoRunner(tower, candidates)
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)} or auto")

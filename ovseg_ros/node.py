@@ -44,7 +44,6 @@ from .core.dense import (  # noqa: E402
     DenseSegmenter,
     PreparedVocabulary,
     SegmentationResult,
-    relabel,
 )
 from .core.geometry import DepthError, region_centroid  # noqa: E402
 from .core.overlay import blend, draw_prompt_answers  # noqa: E402
@@ -101,8 +100,7 @@ class OvsegNode(LifecycleNode):
         self._vocab_lock = threading.Lock()  # serialises changes; readers just take the reference
         self._slot: _Frame | None = None
         self._slot_cond = threading.Condition()
-        self._last_refusal: tuple[str, float] = ("", 0.0)
-        self._last_depth_warning: tuple[str, float] = ("", 0.0)
+        self._last_logged: dict[str, tuple[str, float]] = {}  # channel -> (message, when)
         self._last_processed = 0.0
         self._frame_headers: dict[tuple[int, int], object] = {}
         self._frame_depth: dict[tuple[int, int], PairedDepth] = {}
@@ -227,10 +225,10 @@ class OvsegNode(LifecycleNode):
         segmenter = DenseSegmenter(encoder, cache, self._dense_config({}), backend=self.get_parameter("backend").value,
                                    engine_cache_dir=engine_dir)
         try:
-            segmenter.runner()
+            runner = segmenter.runner()
         except BackendUnavailable as exc:
             raise ModelError(f"backend '{segmenter.backend}' cannot run here: {exc}") from exc
-        self.get_logger().info(f"image tower backend: {type(segmenter.runner()).name}")
+        self.get_logger().info(f"image tower backend: {runner.name}")
         return segmenter
 
     def _dense_config(self, changes: dict) -> DenseConfig:
@@ -409,13 +407,18 @@ class OvsegNode(LifecycleNode):
                 self._report_refusal(f"frame failed: {exc!r}", error=True)
 
     def _report_refusal(self, message: str, error: bool) -> None:
-        """Count every refusal; log a new reason at once, repeats of the same reason at most every 5 s."""
+        """Count every refusal; the log says each new reason."""
         self.stats.on_rejected(message)
+        self._log_new_reason("refusal", message, self.get_logger().error if error else self.get_logger().warning)
+
+    def _log_new_reason(self, channel: str, message: str, log) -> None:
+        """Log a new reason at once, repeats of the same reason on this channel at most every 5 s."""
         now = time.monotonic()
-        if message == self._last_refusal[0] and now - self._last_refusal[1] < 5.0:
+        last_message, last_time = self._last_logged.get(channel, ("", 0.0))
+        if message == last_message and now - last_time < 5.0:
             return
-        self._last_refusal = (message, now)
-        (self.get_logger().error if error else self.get_logger().warning)(message)
+        self._last_logged[channel] = (message, now)
+        log(message)
 
     def _process(self, frame: _Frame) -> None:
         limit = int(self.get_parameter("max_image_pixels").value)
@@ -430,10 +433,7 @@ class OvsegNode(LifecycleNode):
         if self.prompter is not None:
             self.prompter.add_frame(key, rgb, result.dense_features)
             if self.segmenter.config.refinement == "sam":
-                start = time.perf_counter()
-                refined = self.prompter.refine_dense(key, result.labels, prepared, result.selected_classes)
-                result = relabel(result, refined, prepared, self.segmenter.config.score_threshold)
-                result.timings_ms["sam_refinement"] = (time.perf_counter() - start) * 1000
+                result = self.prompter.refine_result(key, result, prepared, self.segmenter.config.score_threshold)
         self._publish(frame.msg, rgb, result, prepared)
         paired = self._publish_3d(frame.msg.header, rgb, result, prepared) if self.depth is not None else None
         if self.prompter is not None:
@@ -449,17 +449,9 @@ class OvsegNode(LifecycleNode):
 
     def _publish(self, source: Image, rgb, result: SegmentationResult, prepared: PreparedVocabulary) -> None:
         header = source.header
-        labels_msg = mono16_to_image(result.labels, header)
-        seg = Segmentation()
-        seg.header = header
-        seg.vocabulary_version = result.vocabulary_version
-        seg.labels = labels_msg
-        seg.class_ids = result.class_ids
-        seg.class_names = result.class_names
-        seg.class_scores = result.class_scores
-        seg.class_areas = result.class_areas
-        seg.inference_ms = float(result.inference_ms)
-        self.pub_labels.publish(labels_msg)
+        seg = segmentation_msg(header, result.labels, result.vocabulary_version, result.class_ids,
+                               result.class_names, result.class_scores, result.class_areas, result.inference_ms)
+        self.pub_labels.publish(seg.labels)
         self.pub_segmentation.publish(seg)
         if self.get_parameter("publish_overlay").value:
             overlay = blend(rgb, result.labels, len(prepared.vocabulary),
@@ -488,10 +480,7 @@ class OvsegNode(LifecycleNode):
         return paired
 
     def _report_depth_problem(self, message: str) -> None:
-        now = time.monotonic()
-        if message != self._last_depth_warning[0] or now - self._last_depth_warning[1] > 5.0:
-            self._last_depth_warning = (message, now)
-            self.get_logger().warning(f"no 3D output for this frame: {message}")
+        self._log_new_reason("depth", f"no 3D output for this frame: {message}", self.get_logger().warning)
 
     def _on_segment_prompt(self, request: SegmentPrompt.Request, response: SegmentPrompt.Response):
         try:
@@ -528,9 +517,7 @@ class OvsegNode(LifecycleNode):
         if request.image.height > 0:
             rgb = image_to_rgb(request.image)
             key = (request.image.header.stamp.sec, request.image.header.stamp.nanosec)
-            height, width = rgb.shape[:2]
-            dense_shape = self.segmenter.model_input_shape(height, width)
-            self.prompter.add_frame(key, rgb, dense_input_shape=dense_shape)
+            self.prompter.add_frame(key, rgb, self.segmenter.frame_features(rgb))
             self._frame_headers[key] = request.image.header
         else:
             key = (request.stamp.sec, request.stamp.nanosec)
@@ -571,22 +558,18 @@ class OvsegNode(LifecycleNode):
         key = (header.stamp.sec, header.stamp.nanosec)
         instances, answers = self.prompter.segment_everything(
             key, prepared, points_per_side=self.get_parameter("everything_points_per_side").value)
-        msg = Segmentation()
-        msg.header = header
-        msg.vocabulary_version = prepared.version
-        msg.labels = mono16_to_image(instances, header)
-        msg.class_ids = [i + 1 for i in range(len(answers))]  # instance ids; the names are their labels
-        msg.class_names = [a.labels[0] for a in answers]
-        msg.class_scores = [a.label_scores[0] for a in answers]
-        msg.class_areas = [float(a.mask.mean()) for a in answers]
-        self.pub_instances.publish(msg)
+        # Instance ids as class ids; the names are their labels.
+        self.pub_instances.publish(segmentation_msg(
+            header, instances, prepared.version, [i + 1 for i in range(len(answers))],
+            [a.labels[0] for a in answers], [a.label_scores[0] for a in answers],
+            [float(a.mask.mean()) for a in answers]))
 
     def _publish_diagnostics(self) -> None:
         prepared, segmenter = self._prepared, self.segmenter
         state = self._state_machine.current_state[1] if hasattr(self, "_state_machine") else ""  # rclpy internal
         backend = self.get_parameter("backend").value
-        if segmenter is not None:
-            runner = segmenter.runner()
+        runner = segmenter.active_runner if segmenter is not None else None
+        if runner is not None:
             chosen = getattr(runner, "chosen", None)  # auto: the backend it measured fastest
             backend = f"auto -> {chosen.name}" if chosen is not None else runner.name
         extra = {"lifecycle_state": state, "backend": backend, "precision": self.get_parameter("precision").value}
@@ -611,6 +594,18 @@ class OvsegNode(LifecycleNode):
 
     def stop(self) -> None:
         self._stop_worker()
+
+
+def segmentation_msg(header, labels, version: int, ids, names, scores, areas,
+                     inference_ms: float = 0.0) -> Segmentation:
+    """A Segmentation message whose mono16 label image carries the source header."""
+    msg = Segmentation()
+    msg.header = header
+    msg.vocabulary_version = version
+    msg.labels = mono16_to_image(labels, header)
+    msg.class_ids, msg.class_names, msg.class_scores, msg.class_areas = ids, names, scores, areas
+    msg.inference_ms = float(inference_ms)
+    return msg
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ import time
 import cv2
 import numpy as np
 
-from ..core.dense import DenseConfig, DenseSegmenter, relabel
+from ..core.dense import DenseConfig, DenseSegmenter
 from ..core.metrics import ConfusionMatrix, mask_iou
 from ..core.registry import load_clip
 from ..core.text_cache import TextEmbeddingCache
@@ -62,8 +62,7 @@ def evaluate_dense(clip: str | DenseSegmenter, scenes: int = 100, size: int | tu
         result = segmenter.segment(scene.image, prepared)
         if segmenter.config.refinement == "sam" and prompter is not None:
             prompter.add_frame((i, 1), scene.image, result.dense_features)
-            result = relabel(result, prompter.refine_dense((i, 1), result.labels, prepared, result.selected_classes),
-                             prepared, segmenter.config.score_threshold)
+            result = prompter.refine_result((i, 1), result, prepared, segmenter.config.score_threshold)
         times.append(time.perf_counter() - start)
         kept.append(len(result.selected_classes))
         predicted = result.labels.copy()

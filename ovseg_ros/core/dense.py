@@ -135,6 +135,16 @@ class DenseSegmenter:
         tensor = tensor.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         return self.encoder.normalise(tensor)
 
+    @property
+    def active_runner(self):
+        """The backend in use, without building one (None before the first frame); for status reports."""
+        return self._runner
+
+    @torch.inference_mode()
+    def frame_features(self, image_rgb: np.ndarray) -> torch.Tensor:
+        """(h, w, D) dense features of an image exactly as `segment` computes them (same backend, size, variant)."""
+        return self.encode(self.preprocess(image_rgb))[1][0]
+
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(1, 3, H, W) normalised -> (global (1, D), dense (1, h, w, D)); sliding windows when configured."""
         if self.config.precision != "fp32" and self.backend in ("torch", "torch-compile", "auto"):

@@ -22,7 +22,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from .clip_dense import ClipDenseEncoder
-from .dense import PreparedVocabulary
+from .dense import PreparedVocabulary, SegmentationResult, relabel
 
 MAX_PROMPTS = 256
 MAX_POINTS_PER_PROMPT = 64
@@ -110,11 +110,8 @@ class PromptSegmenter:
         self.timings_ms: dict[str, float] = {}
 
     # ------------------------------------------------------------------ frames
-    def add_frame(self, key: tuple[int, int], image: np.ndarray, clip_dense: torch.Tensor | None = None,
-                  dense_input_shape: tuple[int, int] | None = None) -> CachedFrame:
-        """Cache a frame; reuse the dense pass's CLIP features when given (the shared backbone pass)."""
-        if clip_dense is None:
-            clip_dense = self._clip_dense(image, dense_input_shape)
+    def add_frame(self, key: tuple[int, int], image: np.ndarray, clip_dense: torch.Tensor) -> CachedFrame:
+        """Cache a frame with the dense pass's CLIP features (the shared backbone pass)."""
         frame = CachedFrame(key=key, image=image, clip_dense=clip_dense.detach())
         with self._lock:
             self._frames[key] = frame
@@ -141,18 +138,6 @@ class PromptSegmenter:
     def cached_keys(self) -> list[tuple[int, int]]:
         with self._lock:
             return list(self._frames)
-
-    @torch.inference_mode()
-    def _clip_dense(self, image: np.ndarray, shape: tuple[int, int] | None) -> torch.Tensor:
-        if shape is None:
-            short = min(self.encoder.native_size)
-            scale = short / min(image.shape[:2])
-            ph, pw = self.encoder.patch_size
-            shape = (max(ph, round(image.shape[0] * scale / ph) * ph), max(pw, round(image.shape[1] * scale / pw) * pw))
-        resized = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
-        pixels = torch.from_numpy(resized).to(self.encoder.device).permute(2, 0, 1)[None].float() / 255.0
-        _, dense = self.encoder.dense_features(self.encoder.normalise(pixels), "plain")
-        return dense[0]
 
     @torch.inference_mode()
     def _ensure_sam(self, frame: CachedFrame) -> None:
@@ -294,6 +279,15 @@ class PromptSegmenter:
         for index in order:
             if masks[index].any():
                 refined[masks[index]] = int(probabilities[index].argmax())
+        return refined
+
+    def refine_result(self, key: tuple[int, int], result: SegmentationResult, prepared: PreparedVocabulary,
+                      threshold: float) -> SegmentationResult:
+        """`refine_dense` applied to a dense result (statistics recomputed, timed as `sam_refinement`)."""
+        start = time.perf_counter()
+        labels = self.refine_dense(key, result.labels, prepared, result.selected_classes)
+        refined = relabel(result, labels, prepared, threshold)
+        refined.timings_ms["sam_refinement"] = (time.perf_counter() - start) * 1000
         return refined
 
     # ------------------------------------------------------------------ segment everything

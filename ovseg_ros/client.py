@@ -24,17 +24,20 @@ OUTPUT_TOPICS = {"labels": Image, "segmentation": Segmentation, "overlay": Image
 
 class OvsegClient:
     def __init__(self, target_namespace: str = "", name: str = "ovseg_client", keep: int = 200,
-                 extra_topics: dict[str, type] | None = None) -> None:
+                 extra_topics: dict[str, type] | None = None, camera: str = "") -> None:
+        """`camera`: for a node serving several cameras, the camera whose image and outputs this client uses
+        (its topics are CAMERA/image, CAMERA/labels, ...); services and label_info are the node's."""
         if not rclpy.ok():
             rclpy.init()
         self.node = rclpy.create_node(name)
         prefix = target_namespace.rstrip("/") + "/" if target_namespace else ""
         self.prefix = prefix
+        self.camera_prefix = prefix + (camera.strip("/") + "/" if camera else "")
         self._cond = threading.Condition()
         self.received: dict[str, collections.deque] = {}
-        self.image_pub = self.node.create_publisher(Image, prefix + "image", qos_profile_sensor_data)
+        self.image_pub = self.node.create_publisher(Image, self.camera_prefix + "image", qos_profile_sensor_data)
         for topic, msg_type in {**OUTPUT_TOPICS, **(extra_topics or {})}.items():
-            self._subscribe(prefix + topic, topic, msg_type, QoSProfile(depth=10), keep)
+            self._subscribe(self.camera_prefix + topic, topic, msg_type, QoSProfile(depth=10), keep)
         latched = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, durability=DurabilityPolicy.TRANSIENT_LOCAL,
                              reliability=ReliabilityPolicy.RELIABLE)
         self._subscribe(prefix + "label_info", "label_info", LabelInfo, latched, keep)
@@ -62,8 +65,8 @@ class OvsegClient:
         self.node.create_subscription(msg_type, full_topic, callback, qos)
 
     def subscribe(self, topic: str, msg_type, qos=None, keep: int = 200) -> None:
-        """Record any further topic of the node (relative names get the target namespace)."""
-        full = topic if topic.startswith("/") else self.prefix + topic
+        """Record any further topic of the node (relative names get the target namespace and camera)."""
+        full = topic if topic.startswith("/") else self.camera_prefix + topic
         self._subscribe(full, topic, msg_type, qos or QoSProfile(depth=10), keep)
 
     # ------------------------------------------------------------------ services

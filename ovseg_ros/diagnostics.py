@@ -62,9 +62,9 @@ class StreamStats:
             }
 
 
-def diagnostic_array(stamp, node_name: str, stats: dict, extra: dict[str, str], last_error: str) -> DiagnosticArray:
+def diagnostic_status(name: str, stats: dict, extra: dict[str, str], last_error: str) -> DiagnosticStatus:
     status = DiagnosticStatus()
-    status.name = f"{node_name}: open-vocabulary segmentation"
+    status.name = name
     status.hardware_id = extra.get("device", "")
     if stats["frames_received"] and not stats["frames_processed"]:
         status.level, status.message = DiagnosticStatus.WARN, "receiving frames but none processed"
@@ -73,7 +73,11 @@ def diagnostic_array(stamp, node_name: str, stats: dict, extra: dict[str, str], 
     else:
         status.level, status.message = DiagnosticStatus.OK, "running"
     status.values = [KeyValue(key=k, value=str(v)) for k, v in {**stats, **extra}.items()]
+    return status
+
+
+def diagnostic_array(stamp, statuses: list[DiagnosticStatus]) -> DiagnosticArray:
     msg = DiagnosticArray()
     msg.header.stamp = stamp
-    msg.status = [status]
+    msg.status = statuses
     return msg

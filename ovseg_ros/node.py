@@ -1,8 +1,9 @@
 """ovseg_node: the ROS 2 adapter around the ROS-free core.
 
-Callbacks only store the newest frame; one worker thread runs the model on it and publishes. A frame that is
-replaced before the worker reaches it is counted as dropped. The vocabulary is one immutable object swapped
-atomically, so every output carries exactly one vocabulary version.
+Callbacks only store the newest frame of each camera; one worker thread takes the newest frame of every camera,
+runs the model on them in one batch and publishes. A frame that is replaced before the worker reaches it is
+counted as dropped. The vocabulary is one immutable object swapped atomically, so every output carries exactly
+one vocabulary version.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import os
 import sys
 import threading
 import time
-from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -38,6 +38,7 @@ from visualization_msgs.msg import MarkerArray  # noqa: E402
 from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentation  # noqa: E402
 from ovseg_interfaces.srv import GetVocabulary, SegmentPrompt, SetVocabulary  # noqa: E402
 
+from .cameras import Camera, CameraNameError, Frame, parse_camera_names  # noqa: E402
 from .core.backends import BackendUnavailable  # noqa: E402
 from .core.dense import (  # noqa: E402
     DenseConfig,
@@ -59,7 +60,7 @@ from .core.vocabulary import (  # noqa: E402
     save_vocabulary,
 )
 from .depth_output import DepthPairer, PairedDepth, class_markers, labelled_cloud  # noqa: E402
-from .diagnostics import StreamStats, diagnostic_array  # noqa: E402
+from .diagnostics import diagnostic_array, diagnostic_status  # noqa: E402
 from .image_conversions import (  # noqa: E402
     ImageError,
     compressed_to_rgb,
@@ -70,12 +71,6 @@ from .image_conversions import (  # noqa: E402
 )
 from .parameters import SPEC_BY_NAME, SPECS  # noqa: E402
 from .prompt_requests import prompts_from_request  # noqa: E402
-
-
-@dataclass
-class _Frame:
-    msg: Image | CompressedImage
-    received: float
 
 
 class OvsegNode(LifecycleNode):
@@ -91,23 +86,19 @@ class OvsegNode(LifecycleNode):
         for spec in SPECS:
             self.declare_parameter(spec.name, spec.default, spec.descriptor())
         self.add_on_set_parameters_callback(self._on_set_parameters)
-        self.stats = StreamStats()
+        self.cameras: list[Camera] = []
         self.limits = VocabularyLimits(max_classes=self.get_parameter("max_classes").value,
                                        max_name_length=self.get_parameter("max_name_length").value)
         self.segmenter: DenseSegmenter | None = None
         self.prompter: PromptSegmenter | None = None
         self._prepared: PreparedVocabulary | None = None
         self._vocab_lock = threading.Lock()  # serialises changes; readers just take the reference
-        self._slot: _Frame | None = None
-        self._slot_cond = threading.Condition()
+        self._slot_cond = threading.Condition()  # guards every camera's slot
         self._last_logged: dict[str, tuple[str, float]] = {}  # channel -> (message, when)
         self._last_processed = 0.0
-        self._frame_headers: dict[tuple[int, int], object] = {}
-        self._frame_depth: dict[tuple[int, int], PairedDepth] = {}
-        self.depth: DepthPairer | None = None
+        self._last_batch = 0  # frames in the last image-tower pass (one per camera with a new frame)
         self._worker: threading.Thread | None = None
         self._running = False
-        self._image_sub = None
         self._configured_entities: list = []
         self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0, self._publish_diagnostics)
@@ -121,15 +112,19 @@ class OvsegNode(LifecycleNode):
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
         try:
+            self.cameras = [Camera(name) for name in parse_camera_names(self.get_parameter("cameras").value)]
             self.segmenter = self._load_segmenter()
             self.prompter = self._load_prompter()
             vocabulary = self._initial_vocabulary()
             self._prepared = self.segmenter.prepare(vocabulary)
             self._warm_up()
-        except (ModelError, VocabularyError, ValueError) as exc:
+        except (ModelError, VocabularyError, CameraNameError, ValueError) as exc:
             self.get_logger().fatal(f"configure failed: {exc}")
             self._release_models()
             return TransitionCallbackReturn.FAILURE
+        for camera in self.cameras:  # one SAM and one CLIP; a frame cache per camera
+            camera.prompter = self.prompter.for_another_camera() if self.prompter is not None and camera is not \
+                self.cameras[0] else self.prompter
         self._setup_publishers()
         self._setup_services()
         if self.get_parameter("use_depth").value:
@@ -140,23 +135,27 @@ class OvsegNode(LifecycleNode):
         self.get_logger().info(
             f"configured: model {self.segmenter.encoder.model_id} on {self.segmenter.encoder.device}, "
             f"{len(vocabulary)} classes (vocabulary v{vocabulary.version}), variant {self.segmenter.config.variant}, "
-            f"prompts {'on' if self.prompter else 'off'}")
+            f"prompts {'on' if self.prompter else 'off'}, cameras: "
+            f"{', '.join(c.name for c in self.cameras) if self.cameras[0].name else 'one (image)'}")
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._image_sub = self._create_image_subscription()
+        for camera in self.cameras:
+            camera.subscription = self._create_image_subscription(camera)
         result = super().on_activate(state)
         self._publish_label_info()
         self.get_logger().info("active: segmenting the camera stream")
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        if self._image_sub is not None:
-            self.destroy_subscription(self._image_sub)
-            self._image_sub = None
+        for camera in self.cameras:
+            if camera.subscription is not None:
+                self.destroy_subscription(camera.subscription)
+                camera.subscription = None
         with self._slot_cond:
-            self._slot = None
-        self.get_logger().info("inactive: camera unsubscribed")
+            for camera in self.cameras:
+                camera.slot = None
+        self.get_logger().info("inactive: cameras unsubscribed")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -169,8 +168,7 @@ class OvsegNode(LifecycleNode):
             else:
                 self.destroy_subscription(entity)
         self._configured_entities.clear()
-        self.depth = None
-        self._frame_depth.clear()
+        self.cameras = []
         self._release_models()
         self.get_logger().info("cleaned up: models released")
         return TransitionCallbackReturn.SUCCESS
@@ -260,17 +258,16 @@ class OvsegNode(LifecycleNode):
             self._configured_entities.append(("publisher", pub))
             return pub
 
-        self.pub_labels = publisher(Image, "labels", 2)
-        self.pub_segmentation = publisher(Segmentation, "segmentation", 2)
-        self.pub_overlay = publisher(Image, "overlay", 2)
+        per_camera = {"labels": Image, "segmentation": Segmentation, "overlay": Image, "instances": Segmentation}
+        if self.get_parameter("use_depth").value:
+            per_camera.update(labels_cloud=PointCloud2, labels_markers=MarkerArray)
+        for camera in self.cameras:
+            camera.publishers = {base: publisher(msg_type, camera.topic(base), 2)
+                                 for base, msg_type in per_camera.items()}
         latched = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL, reliability=ReliabilityPolicy.RELIABLE)
-        self.pub_label_info = publisher(LabelInfo, "label_info", latched)
-        self.pub_instances = publisher(Segmentation, "instances", 2)
+        self.pub_label_info = publisher(LabelInfo, "label_info", latched)  # one vocabulary for every camera
         self.pub_prompt_result = publisher(PromptResult, "prompt_result", 10)
-        if self.get_parameter("use_depth").value:
-            self.pub_cloud = publisher(PointCloud2, "labels_cloud", 2)
-            self.pub_markers = publisher(MarkerArray, "labels_markers", 2)
 
     def _image_qos(self) -> QoSProfile:
         depth = self.get_parameter("qos_depth").value
@@ -286,17 +283,24 @@ class OvsegNode(LifecycleNode):
         return qos
 
     def _create_depth_subscriptions(self) -> None:
-        self.depth = DepthPairer(self.get_parameter("depth_buffer_size").value,
-                                 self.get_parameter("depth_tolerance_s").value)
-        self._configured_entities += [
-            ("subscription", self.create_subscription(Image, "depth/image", self.depth.add_depth, self._image_qos())),
-            ("subscription", self.create_subscription(CameraInfo, "depth/camera_info", self.depth.add_info, 10)),
-        ]
+        for camera in self.cameras:
+            camera.depth = depth = DepthPairer(self.get_parameter("depth_buffer_size").value,
+                                               self.get_parameter("depth_tolerance_s").value)
+            self._configured_entities += [
+                ("subscription", self.create_subscription(Image, camera.topic("depth/image"), depth.add_depth,
+                                                          self._image_qos())),
+                ("subscription", self.create_subscription(CameraInfo, camera.topic("depth/camera_info"),
+                                                          depth.add_info, 10)),
+            ]
 
-    def _create_image_subscription(self):
+    def _create_image_subscription(self, camera: Camera):
+        def store(msg: Image | CompressedImage) -> None:
+            self._on_image(camera, msg)
+
         if self.get_parameter("input_type").value == "compressed":
-            return self.create_subscription(CompressedImage, "image/compressed", self._on_image, self._image_qos())
-        return self.create_subscription(Image, "image", self._on_image, self._image_qos())
+            return self.create_subscription(CompressedImage, camera.topic("image/compressed"), store,
+                                            self._image_qos())
+        return self.create_subscription(Image, camera.topic("image"), store, self._image_qos())
 
     def _setup_services(self) -> None:
         services = MutuallyExclusiveCallbackGroup()  # text encoding never blocks the image callback
@@ -316,10 +320,10 @@ class OvsegNode(LifecycleNode):
             ]
 
     # ------------------------------------------------------------------ callbacks
-    def _on_image(self, msg: Image | CompressedImage) -> None:
+    def _on_image(self, camera: Camera, msg: Image | CompressedImage) -> None:
         with self._slot_cond:
-            self.stats.on_received(replaced_unprocessed=self._slot is not None)
-            self._slot = _Frame(msg, time.monotonic())
+            camera.stats.on_received(replaced_unprocessed=camera.slot is not None)
+            camera.slot = Frame(msg)
             self._slot_cond.notify()
 
     def _on_set_vocabulary(self, request: SetVocabulary.Request, response: SetVocabulary.Response):
@@ -388,28 +392,57 @@ class OvsegNode(LifecycleNode):
     def _work_loop(self) -> None:
         while True:
             with self._slot_cond:
-                while self._slot is None and self._running:
+                while self._running and all(camera.slot is None for camera in self.cameras):
                     self._slot_cond.wait(timeout=0.5)
                 if not self._running:
                     return
-                frame, self._slot = self._slot, None
+                batch = [(camera, camera.slot) for camera in self.cameras if camera.slot is not None]
+                for camera, _ in batch:
+                    camera.slot = None
             rate = self.get_parameter("max_rate_hz").value
             if rate > 0:
                 wait = self._last_processed + 1.0 / rate - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)
             self._last_processed = time.monotonic()
-            try:
-                self._process(frame)
-            except ImageError as exc:
-                self._report_refusal(f"frame refused: {exc}", error=False)
-            except Exception as exc:  # one bad frame must never stop the stream
-                self._report_refusal(f"frame failed: {exc!r}", error=True)
+            self._process_batch(batch)
 
-    def _report_refusal(self, message: str, error: bool) -> None:
+    def _process_batch(self, batch: list[tuple[Camera, Frame]]) -> None:
+        """Decode each camera's frame, segment them all in one tower pass, publish per camera. A bad frame is
+        refused alone; the other cameras' frames go on."""
+        limit = int(self.get_parameter("max_image_pixels").value)
+        decoded = []
+        for camera, frame in batch:
+            try:
+                if isinstance(frame.msg, CompressedImage):
+                    rgb = compressed_to_rgb(frame.msg, max_pixels=limit)
+                else:
+                    rgb = image_to_rgb(frame.msg, max_pixels=limit)
+                decoded.append((camera, frame, rgb))
+            except ImageError as exc:
+                self._report_refusal(camera, f"frame refused: {exc}", error=False)
+        if not decoded:
+            return
+        prepared = self._prepared  # one reference for the whole batch: outputs never mix versions
+        self._last_batch = len(decoded)
+        try:
+            results = self.segmenter.segment_batch([rgb for _, _, rgb in decoded], prepared)
+        except Exception as exc:  # one bad batch must never stop the stream
+            for camera, _, _ in decoded:
+                self._report_refusal(camera, f"frame failed: {exc!r}", error=True)
+            return
+        for (camera, frame, rgb), result in zip(decoded, results, strict=True):
+            try:
+                self._finish(camera, frame, rgb, result, prepared)
+            except Exception as exc:
+                self._report_refusal(camera, f"frame failed: {exc!r}", error=True)
+
+    def _report_refusal(self, camera: Camera, message: str, error: bool) -> None:
         """Count every refusal; the log says each new reason."""
-        self.stats.on_rejected(message)
-        self._log_new_reason("refusal", message, self.get_logger().error if error else self.get_logger().warning)
+        camera.stats.on_rejected(message)
+        where = f"[{camera.name}] " if camera.name else ""
+        self._log_new_reason(f"refusal/{camera.name}", where + message,
+                             self.get_logger().error if error else self.get_logger().warning)
 
     def _log_new_reason(self, channel: str, message: str, log) -> None:
         """Log a new reason at once, repeats of the same reason on this channel at most every 5 s."""
@@ -420,67 +453,55 @@ class OvsegNode(LifecycleNode):
         self._last_logged[channel] = (message, now)
         log(message)
 
-    def _process(self, frame: _Frame) -> None:
-        limit = int(self.get_parameter("max_image_pixels").value)
-        if isinstance(frame.msg, CompressedImage):
-            rgb = compressed_to_rgb(frame.msg, max_pixels=limit)
-        else:
-            rgb = image_to_rgb(frame.msg, max_pixels=limit)
-        prepared = self._prepared  # one reference for the whole frame: outputs never mix versions
-        result = self.segmenter.segment(rgb, prepared)
+    def _finish(self, camera: Camera, frame: Frame, rgb: np.ndarray, result: SegmentationResult,
+                prepared: PreparedVocabulary) -> None:
         stamp = frame.msg.header.stamp
         key = (stamp.sec, stamp.nanosec)
-        if self.prompter is not None:
-            self.prompter.add_frame(key, rgb, result.dense_features)
+        if camera.prompter is not None:
+            camera.prompter.add_frame(key, rgb, result.dense_features)
             if self.segmenter.config.refinement == "sam":
-                result = self.prompter.refine_result(key, result, prepared, self.segmenter.config.score_threshold)
-        self._publish(frame.msg, rgb, result, prepared)
-        paired = self._publish_3d(frame.msg.header, rgb, result, prepared) if self.depth is not None else None
-        if self.prompter is not None:
-            self._frame_headers[key] = frame.msg.header
-            if paired is not None:
-                self._frame_depth[key] = paired
-            for cache in (self._frame_headers, self._frame_depth):
-                while len(cache) > self.prompter.cache_size:
-                    cache.pop(next(iter(cache)))
+                result = camera.prompter.refine_result(key, result, prepared, self.segmenter.config.score_threshold)
+        self._publish(camera, frame.msg.header, rgb, result, prepared)
+        paired = self._publish_3d(camera, frame.msg.header, rgb, result, prepared) if camera.depth else None
+        if camera.prompter is not None:
+            camera.remember(key, frame.msg.header, paired, camera.prompter.cache_size)
             if self.get_parameter("segment_everything").value:
-                self._publish_everything(frame.msg.header, prepared)
-        self.stats.on_processed(frame.received)
+                self._publish_everything(camera, frame.msg.header, prepared)
+        camera.stats.on_processed(frame.received)
 
-    def _publish(self, source: Image, rgb, result: SegmentationResult, prepared: PreparedVocabulary) -> None:
-        header = source.header
+    def _publish(self, camera: Camera, header, rgb, result: SegmentationResult,
+                 prepared: PreparedVocabulary) -> None:
         seg = segmentation_msg(header, result.labels, result.vocabulary_version, result.class_ids,
                                result.class_names, result.class_scores, result.class_areas, result.inference_ms)
-        self.pub_labels.publish(seg.labels)
-        self.pub_segmentation.publish(seg)
+        camera.publishers["labels"].publish(seg.labels)
+        camera.publishers["segmentation"].publish(seg)
         if self.get_parameter("publish_overlay").value:
             overlay = blend(rgb, result.labels, len(prepared.vocabulary),
                             alpha=float(self.get_parameter("overlay_alpha").value),
                             names=prepared.vocabulary.display_names, class_ids=result.class_ids)
-            self.pub_overlay.publish(rgb_to_image(overlay, header))
+            camera.publishers["overlay"].publish(rgb_to_image(overlay, header))
 
-    def _publish_3d(self, header, rgb, result: SegmentationResult,
+    def _publish_3d(self, camera: Camera, header, rgb, result: SegmentationResult,
                     prepared: PreparedVocabulary) -> PairedDepth | None:
         """Cloud and markers for a frame with paired depth; a frame without gets a warning, never an error."""
         try:
-            paired = self.depth.pair(header.stamp, rgb.shape[:2])
+            paired = camera.depth.pair(header.stamp, rgb.shape[:2])
         except DepthError as exc:
-            self._report_depth_problem(str(exc))
+            where = f"[{camera.name}] " if camera.name else ""
+            self._log_new_reason(f"depth/{camera.name}", f"{where}no 3D output for this frame: {exc}",
+                                 self.get_logger().warning)
             return None
         max_range = self.get_parameter("max_range_m").value
         with np.errstate(invalid="ignore"):
             paired.depth_m[paired.depth_m > max_range] = np.nan  # beyond range is invalid for every 3D output
-        self.pub_cloud.publish(labelled_cloud(header, paired, rgb, result.labels, result.confidence,
-                                              self.get_parameter("max_range_m").value,
-                                              self.get_parameter("cloud_stride").value))
+        camera.publishers["labels_cloud"].publish(labelled_cloud(
+            header, paired, rgb, result.labels, result.confidence, max_range,
+            self.get_parameter("cloud_stride").value))
         if self.get_parameter("publish_markers").value:
-            self.pub_markers.publish(class_markers(header, paired, result.labels, result.class_ids,
-                                                   prepared.vocabulary.display_names, len(prepared.vocabulary),
-                                                   self.get_parameter("marker_boxes").value))
+            camera.publishers["labels_markers"].publish(class_markers(
+                header, paired, result.labels, result.class_ids, prepared.vocabulary.display_names,
+                len(prepared.vocabulary), self.get_parameter("marker_boxes").value))
         return paired
-
-    def _report_depth_problem(self, message: str) -> None:
-        self._log_new_reason("depth", f"no 3D output for this frame: {message}", self.get_logger().warning)
 
     def _on_segment_prompt(self, request: SegmentPrompt.Request, response: SegmentPrompt.Response):
         try:
@@ -496,17 +517,31 @@ class OvsegNode(LifecycleNode):
     def _on_prompt_topic(self, query: PromptQuery) -> None:
         request = SegmentPrompt.Request()
         request.stamp = query.header.stamp
-        for name in ("points", "point_labels", "point_groups", "boxes", "vocabulary", "multimask", "crop_fusion"):
+        for name in ("camera", "points", "point_labels", "point_groups", "boxes", "vocabulary", "multimask",
+                     "crop_fusion"):
             setattr(request, name, getattr(query, name))
         response = self._on_segment_prompt(request, SegmentPrompt.Response())
         result = PromptResult(request_id=query.request_id)
-        for name in ("success", "message", "header", "masks", "labels", "label_scores", "mask_scores",
+        for name in ("success", "message", "camera", "header", "masks", "labels", "label_scores", "mask_scores",
                      "vocabulary_version", "top_k", "top_labels", "top_scores", "depth_frame_id", "has_3d",
                      "centroids", "extents"):
             setattr(result, name, getattr(response, name))
         self.pub_prompt_result.publish(result)
 
+    def _camera_named(self, name: str) -> Camera:
+        """The camera a prompt means: empty = the first; an unknown name is refused with the known ones."""
+        name = name.strip().strip("/")
+        if not name:
+            return self.cameras[0]
+        for camera in self.cameras:
+            if camera.name == name:
+                return camera
+        known = ", ".join(c.name for c in self.cameras if c.name) or "none (this node has one unnamed camera)"
+        raise PromptError(f"unknown camera {name!r}; cameras of this node: {known}")
+
     def _answer_prompt(self, request: SegmentPrompt.Request, response: SegmentPrompt.Response) -> None:
+        camera = self._camera_named(request.camera)
+        prompter = camera.prompter
         prepared = self._prepared
         version = prepared.version
         if len(request.vocabulary):
@@ -517,20 +552,21 @@ class OvsegNode(LifecycleNode):
         if request.image.height > 0:
             rgb = image_to_rgb(request.image)
             key = (request.image.header.stamp.sec, request.image.header.stamp.nanosec)
-            self.prompter.add_frame(key, rgb, self.segmenter.frame_features(rgb))
-            self._frame_headers[key] = request.image.header
+            prompter.add_frame(key, rgb, self.segmenter.frame_features(rgb))
+            camera.remember(key, request.image.header, None, prompter.cache_size)
         else:
             key = (request.stamp.sec, request.stamp.nanosec)
             key = None if key == (0, 0) else key
-        cached = self.prompter.frame(key)
+        cached = prompter.frame(key)
         height, width = cached.image.shape[:2]
         prompts = prompts_from_request(request, height, width)
-        frame, answers = self.prompter.query(cached.key, prompts, prepared, multimask=request.multimask,
-                                             crop_fusion=request.crop_fusion)
-        header = self._frame_headers.get(frame.key)
+        frame, answers = prompter.query(cached.key, prompts, prepared, multimask=request.multimask,
+                                        crop_fusion=request.crop_fusion)
+        header = camera.headers.get(frame.key)
         if header is None:
             header = request.image.header
         response.header = header
+        response.camera = camera.name
         response.masks = [mono8_to_image(a.mask.astype("uint8") * 255, header) for a in answers]
         response.labels = [a.labels[0] for a in answers]
         response.label_scores = [a.label_scores[0] for a in answers]
@@ -539,7 +575,7 @@ class OvsegNode(LifecycleNode):
         response.top_k = len(answers[0].labels)
         response.top_labels = [name for a in answers for name in a.labels]
         response.top_scores = [score for a in answers for score in a.label_scores]
-        paired = self._frame_depth.get(frame.key)
+        paired = camera.depth_frames.get(frame.key)
         if paired is not None:
             response.depth_frame_id = paired.frame_id or header.frame_id
             for answer in answers:
@@ -549,17 +585,18 @@ class OvsegNode(LifecycleNode):
                 response.centroids.append(Point(x=float(centroid[0]), y=float(centroid[1]), z=float(centroid[2])))
                 response.extents.append(Vector3(x=float(extent[0]), y=float(extent[1]), z=float(extent[2])))
         response.success = True
-        response.message = f"{len(answers)} prompts answered on frame {frame.key[0]}.{frame.key[1]:09d}"
+        where = f" of camera {camera.name}" if camera.name else ""
+        response.message = f"{len(answers)} prompts answered on frame {frame.key[0]}.{frame.key[1]:09d}{where}"
         if self.get_parameter("publish_overlay").value:
             overlay = draw_prompt_answers(frame.image, answers, prompts)
-            self.pub_overlay.publish(rgb_to_image(overlay, header))
+            camera.publishers["overlay"].publish(rgb_to_image(overlay, header))
 
-    def _publish_everything(self, header, prepared: PreparedVocabulary) -> None:
+    def _publish_everything(self, camera: Camera, header, prepared: PreparedVocabulary) -> None:
         key = (header.stamp.sec, header.stamp.nanosec)
-        instances, answers = self.prompter.segment_everything(
+        instances, answers = camera.prompter.segment_everything(
             key, prepared, points_per_side=self.get_parameter("everything_points_per_side").value)
         # Instance ids as class ids; the names are their labels.
-        self.pub_instances.publish(segmentation_msg(
+        camera.publishers["instances"].publish(segmentation_msg(
             header, instances, prepared.version, [i + 1 for i in range(len(answers))],
             [a.labels[0] for a in answers], [a.label_scores[0] for a in answers],
             [float(a.mask.mean()) for a in answers]))
@@ -573,14 +610,22 @@ class OvsegNode(LifecycleNode):
             chosen = getattr(runner, "chosen", None)  # auto: the backend it measured fastest
             backend = f"auto -> {chosen.name}" if chosen is not None else runner.name
         extra = {"lifecycle_state": state, "backend": backend, "precision": self.get_parameter("precision").value}
-        if self.depth is not None:
-            extra.update(depth_paired=str(self.depth.paired), depth_unpaired=str(self.depth.unpaired),
-                         depth_pairing_rate=f"{self.depth.rate():.2f}")
         if prepared is not None and segmenter is not None:
             extra.update(vocabulary_version=str(prepared.version), classes=str(len(prepared.vocabulary)),
                          device=str(segmenter.encoder.device), model=segmenter.encoder.model_id)
-        self.pub_diagnostics.publish(diagnostic_array(self.get_clock().now().to_msg(), self.get_fully_qualified_name(),
-                                                      self.stats.snapshot(), extra, self.stats.last_error))
+        statuses = []
+        for camera in self.cameras or [Camera("")]:  # before configure: one status saying nothing runs yet
+            values = dict(extra)
+            name = f"{self.get_fully_qualified_name()}: open-vocabulary segmentation"
+            if camera.name:
+                name += f" ({camera.name})"
+                values.update(camera=camera.name, batched_cameras=str(len(self.cameras)),
+                              frames_in_last_tower_pass=str(self._last_batch))
+            if camera.depth is not None:
+                values.update(depth_paired=str(camera.depth.paired), depth_unpaired=str(camera.depth.unpaired),
+                              depth_pairing_rate=f"{camera.depth.rate():.2f}")
+            statuses.append(diagnostic_status(name, camera.stats.snapshot(), values, camera.stats.last_error))
+        self.pub_diagnostics.publish(diagnostic_array(self.get_clock().now().to_msg(), statuses))
 
     def _publish_label_info(self) -> None:
         vocabulary = self._prepared.vocabulary

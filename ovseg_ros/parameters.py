@@ -26,10 +26,12 @@ class ParamSpec:
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
+    dynamic_typing: bool = False  # accepts more than one type (e.g. a string or a string array)
 
     def descriptor(self) -> ParameterDescriptor:
         text = self.description + (f" (one of: {', '.join(self.choices)})" if self.choices else "")
-        descriptor = ParameterDescriptor(description=text, read_only=self.read_only)
+        descriptor = ParameterDescriptor(description=text, read_only=self.read_only,
+                                         dynamic_typing=self.dynamic_typing)
         if self.low is not None and isinstance(self.default, bool) is False:
             if isinstance(self.default, int):
                 descriptor.integer_range = [IntegerRange(from_value=int(self.low), to_value=int(self.high), step=1)]
@@ -86,6 +88,9 @@ SPECS: tuple[ParamSpec, ...] = (
               "start; empty = no persistence", read_only=True),
     ParamSpec("max_classes", 1000, "largest vocabulary accepted", read_only=True, low=1, high=100000),
     ParamSpec("max_name_length", 128, "longest class name accepted", read_only=True, low=1, high=4096),
+    ParamSpec("cameras", "", "camera names served by this node with one model (e.g. [front, rear] or "
+              "'front,rear'): topics NAME/image, NAME/labels, ...; frames of all cameras are batched through the "
+              "image tower; empty = one camera on image, labels, ...", read_only=True, dynamic_typing=True),
     ParamSpec("input_type", "raw", "raw: sensor_msgs/Image on `image`; compressed: CompressedImage (jpeg, png) on "
               "`image/compressed`", read_only=True, choices=("raw", "compressed")),
     ParamSpec("max_image_pixels", 4096 * 4096, "larger frames are refused (protects memory)", low=1,

@@ -59,6 +59,27 @@ def test_same_input_same_output(small):
     assert np.array_equal(first.confidence, second.confidence)
 
 
+@pytest.mark.parametrize("window_stride", [0, 64])
+def test_a_batch_of_frames_gives_what_each_frame_gives_alone(window_stride):
+    """One tower pass for several cameras' frames must not change any frame's answer (sizes may differ)."""
+    encoder = load_clip("ovseg-demo-clip")
+    segmenter = DenseSegmenter(encoder, TextEmbeddingCache(encoder.encode_text, encoder.model_id),
+                               DenseConfig(selection_threshold=0.3, input_size=160 if window_stride else 0,
+                                           window_stride=window_stride))
+    prepared = segmenter.prepare(Vocabulary(("grass", "water", "sky", "wall", "sand", "red circle", "blue star")))
+    images = [generate_scene(seed, size=size, split="eval").image
+              for seed, size in ((1, (240, 320)), (2, (240, 320)), (3, (200, 200)))]
+    batched = segmenter.segment_batch(images, prepared)
+    for image, together in zip(images, batched, strict=True):
+        alone = segmenter.segment(image, prepared)
+        assert together.labels.shape == image.shape[:2]
+        assert np.mean(together.labels == alone.labels) > 0.999
+        assert np.allclose(together.confidence, alone.confidence, atol=1e-4)
+        assert torch.allclose(together.dense_features, alone.dense_features, atol=1e-4)
+        assert together.selected_classes == alone.selected_classes
+    assert not np.array_equal(batched[0].labels, batched[1].labels)  # each frame got its own answer
+
+
 def test_chunked_upsampling_equals_the_direct_softmax():
     logits = torch.randn(1, 37, 6, 8, generator=torch.Generator().manual_seed(1)) * 5
     index, confidence = upsample_argmax(logits, (30, 40), chunk=5)

@@ -36,7 +36,7 @@ def stand_in_modules() -> dict[str, types.ModuleType]:
                  "launch_ros.actions", "ament_index_python", "ament_index_python.packages"):
         modules[name] = types.ModuleType(name)
     modules["launch"].LaunchDescription = type("LaunchDescription", (Recorded,), {})
-    for action in ("DeclareLaunchArgument", "SetEnvironmentVariable"):
+    for action in ("DeclareLaunchArgument", "SetEnvironmentVariable", "OpaqueFunction"):
         setattr(modules["launch.actions"], action, type(action, (Recorded,), {}))
     modules["launch.conditions"].IfCondition = type("IfCondition", (Recorded,), {})
     modules["launch.substitutions"].LaunchConfiguration = LaunchConfiguration
@@ -45,11 +45,11 @@ def stand_in_modules() -> dict[str, types.ModuleType]:
     return modules
 
 
-def load_launch_description():
+def load_launch_description(file: str = "ovseg.launch.py"):
     saved = {name: sys.modules.get(name) for name in stand_in_modules()}
     sys.modules.update(stand_in_modules())
     try:
-        spec = importlib.util.spec_from_file_location("ovseg_launch", ROOT / "launch" / "ovseg.launch.py")
+        spec = importlib.util.spec_from_file_location("ovseg_launch", ROOT / "launch" / file)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module.generate_launch_description()
@@ -144,6 +144,52 @@ def test_the_declared_command_line_runs_and_builds_the_expected_graph(tmp_path, 
             assert pubs.get(topic) == [kind], (topic, pubs)
         assert services["/front/set_vocabulary"] == ["ovseg_interfaces/srv/SetVocabulary"]
         assert services["/front/get_vocabulary"] == ["ovseg_interfaces/srv/GetVocabulary"]
+    finally:
+        probe.destroy_node()
+        assert proc.stop() == 0, proc.output()
+
+
+def test_the_multi_camera_launch_file_serves_every_camera_from_one_node(tmp_path, ros):
+    """launch/ovseg_cameras.launch.py: the OpaqueFunction is run with the arguments as launch would, and the one
+    node it declares subscribes to every camera's topic and publishes per-camera outputs."""
+    import rclpy
+
+    entities = load_launch_description("ovseg_cameras.launch.py").args[0]
+    declared = {e.args[0]: e.kwargs["default_value"] for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
+    assert {"cameras", "camera_topics", "namespace", "params_file", "autostart"} <= set(declared)
+    params = yaml.safe_load(Path(declared["params_file"]).read_text())
+    params["/**"]["ros__parameters"].update(clip_model="ovseg-demo-vit", sam_model="")
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    arguments = {**declared, "cameras": "front, rear", "camera_topics": "/front_cam/image_raw,/rear_cam/image_raw",
+                 "namespace": "robot", "params_file": str(params_file)}
+    function = next(e for e in entities if type(e).__name__ == "OpaqueFunction").kwargs["function"]
+    context = types.SimpleNamespace(launch_configurations=arguments)
+    (node,) = function(context)
+    try:  # a mismatched pair of lists is refused before anything starts
+        function(types.SimpleNamespace(launch_configurations={**arguments, "camera_topics": "/only/one"}))
+        raise AssertionError("a camera without a topic was accepted")
+    except RuntimeError as exc:
+        assert "pair up" in str(exc)
+    env = dict(os.environ)
+    env.update({e.args[0]: e.args[1] for e in entities if type(e).__name__ == "SetEnvironmentVariable"})
+    proc = Process(command_line(node, arguments), env, tmp_path / "launched.log")
+    probe = rclpy.create_node("launch_cameras_probe")
+    try:
+        def graph_ready() -> bool:
+            if ("ovseg", "/robot") not in probe.get_node_names_and_namespaces():
+                return False
+            return "/robot/get_vocabulary" in dict(probe.get_service_names_and_types_by_node("ovseg", "/robot"))
+
+        assert wait_until(graph_ready, 60, interval=0.2), proc.output()
+        time.sleep(0.5)
+        subs = dict(probe.get_subscriber_names_and_types_by_node("ovseg", "/robot"))
+        pubs = dict(probe.get_publisher_names_and_types_by_node("ovseg", "/robot"))
+        for camera in ("front", "rear"):
+            assert subs[f"/{camera}_cam/image_raw"] == ["sensor_msgs/msg/Image"]
+            assert pubs[f"/robot/{camera}/labels"] == ["sensor_msgs/msg/Image"]
+            assert pubs[f"/robot/{camera}/segmentation"] == ["ovseg_interfaces/msg/Segmentation"]
+        assert pubs["/robot/label_info"] == ["ovseg_interfaces/msg/LabelInfo"]
     finally:
         probe.destroy_node()
         assert proc.stop() == 0, proc.output()

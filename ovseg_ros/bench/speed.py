@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
     parser.add_argument("--modes", default="full,dcs", help="full (every class) and/or dcs (category selection)")
     parser.add_argument("--depth", action="store_true", help="also time the 3D outputs (cloud, markers)")
+    parser.add_argument("--cameras", type=int, default=1,
+                        help="N > 1: also time N cameras' frames segmented one by one vs in one batch")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -215,9 +217,27 @@ def main(argv: list[str] | None = None) -> int:
         report["depth_outputs"] = depth_output_costs(image, labels, args.runs)
         for row in report["depth_outputs"]:
             print(f"3D: {row['output']:32s} {row['points']:>7} points {row['ms']:>8.2f} ms")
+    if args.cameras > 1:
+        report["cameras"] = camera_batching(DenseSegmenter(encoder, cache, base, backend=backends[0]),
+                                            args.cameras, (args.height, args.width), args.runs)
+        row = report["cameras"]
+        print(f"{row['cameras']} cameras ({backends[0]} fp32, {row['classes']} classes): one by one "
+              f"{row['sequential_ms']} ms, one batch {row['batched_ms']} ms per set of frames "
+              f"({row['speedup']:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
+
+
+def camera_batching(segmenter: DenseSegmenter, cameras: int, size: tuple[int, int], runs: int) -> dict:
+    """What a node serving several cameras gains from one batched tower pass over a pass per frame."""
+    images = [generate_scene(100 + i, size=size, split="eval").image for i in range(cameras)]
+    prepared = segmenter.prepare(Vocabulary(tuple(world_vocabulary())))
+    segmenter.segment_batch(images, prepared)  # warm-up (and any export for the batch shape)
+    sequential = median_ms(lambda: [segmenter.segment(image, prepared) for image in images], runs)
+    batched = median_ms(lambda: segmenter.segment_batch(images, prepared), runs)
+    return {"cameras": cameras, "classes": len(prepared.vocabulary), "sequential_ms": sequential,
+            "batched_ms": batched, "speedup": round(sequential / batched, 2)}
 
 
 if __name__ == "__main__":

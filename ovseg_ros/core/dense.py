@@ -146,7 +146,7 @@ class DenseSegmenter:
         return self.encode(self.preprocess(image_rgb))[1][0]
 
     def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(1, 3, H, W) normalised -> (global (1, D), dense (1, h, w, D)); sliding windows when configured."""
+        """(B, 3, H, W) normalised -> (global (B, D), dense (B, h, w, D)); sliding windows when configured."""
         if self.config.precision != "fp32" and self.backend in ("torch", "torch-compile", "auto"):
             # Exported backends (ONNX Runtime, TensorRT) take float32 in and apply their own precision.
             dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
@@ -157,7 +157,7 @@ class DenseSegmenter:
 
     def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         native_h, native_w = self.encoder.native_size
-        _, _, height, width = pixels.shape
+        batch, _, height, width = pixels.shape
         stride = self.config.window_stride
         run = self.runner()
         if stride <= 0 or (height <= native_h and width <= native_w):
@@ -166,10 +166,10 @@ class DenseSegmenter:
         stride = max(patch_h, stride // patch_h * patch_h)
         tops = _window_starts(height, native_h, stride)
         lefts = _window_starts(width, native_w, stride)
-        dense_sum = torch.zeros(1, height // patch_h, width // patch_w, self.encoder.embed_dim,
+        dense_sum = torch.zeros(batch, height // patch_h, width // patch_w, self.encoder.embed_dim,
                                 device=pixels.device)
         count = torch.zeros(1, height // patch_h, width // patch_w, 1, device=pixels.device)
-        global_sum = torch.zeros(1, self.encoder.embed_dim, device=pixels.device)
+        global_sum = torch.zeros(batch, self.encoder.embed_dim, device=pixels.device)
         for top in tops:
             for left in lefts:
                 window = pixels[:, :, top:top + native_h, left:left + native_w]
@@ -226,14 +226,36 @@ class DenseSegmenter:
 
     @torch.inference_mode()
     def segment(self, image_rgb: np.ndarray, prepared: PreparedVocabulary) -> SegmentationResult:
-        if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
-            raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image_rgb.shape} {image_rgb.dtype}")
-        timings: dict[str, float] = {}
+        return self.segment_batch([image_rgb], prepared)[0]
+
+    @torch.inference_mode()
+    def segment_batch(self, images_rgb: list[np.ndarray], prepared: PreparedVocabulary) -> list[SegmentationResult]:
+        """Segment several images (e.g. one frame per camera) with one image-tower pass per input shape: the
+        tower dominates the cost and a batch uses the accelerator better than a pass per image. Everything after
+        the tower runs per image; each result's `image_encoder` time is its batch's."""
+        for image_rgb in images_rgb:
+            if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+                raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image_rgb.shape} {image_rgb.dtype}")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image_rgb in enumerate(images_rgb):
+            groups.setdefault(self.model_input_shape(*image_rgb.shape[:2]), []).append(index)
+        results: list[SegmentationResult | None] = [None] * len(images_rgb)
+        for members in groups.values():
+            timings: dict[str, float] = {}
+            clock = _Stopwatch(timings)
+            pixels = torch.cat([self.preprocess(images_rgb[i]) for i in members])
+            clock.lap("preprocess")
+            global_emb, dense = self.encode(pixels)
+            clock.lap("image_encoder")
+            for row, index in enumerate(members):
+                results[index] = self._label(images_rgb[index], global_emb[row:row + 1], dense[row:row + 1],
+                                             prepared, dict(timings))
+        return results
+
+    def _label(self, image_rgb: np.ndarray, global_emb: torch.Tensor, dense: torch.Tensor,
+               prepared: PreparedVocabulary, timings: dict[str, float]) -> SegmentationResult:
+        """One image's (1, D) global and (1, h, w, D) dense features -> its label map."""
         clock = _Stopwatch(timings)
-        pixels = self.preprocess(image_rgb)
-        clock.lap("preprocess")
-        global_emb, dense = self.encode(pixels)
-        clock.lap("image_encoder")
         text = prepared.text_embeddings.to(dense.device, dense.dtype)
         patch_logits = self.encoder.logit_scale * torch.einsum("bhwd,cd->bhwc", dense, text)[0]
         selected = self.select_categories(global_emb, patch_logits, text)

@@ -109,6 +109,11 @@ class PromptSegmenter:
         self._lock = threading.RLock()
         self.timings_ms: dict[str, float] = {}
 
+    def for_another_camera(self) -> PromptSegmenter:
+        """A segmenter with its own frame cache (and predictor state) over the same SAM and CLIP weights, so
+        one node serves several cameras with one copy of each model."""
+        return PromptSegmenter(self.sam, self.encoder, self.cache_size, self.eager_sam, self.top_k)
+
     # ------------------------------------------------------------------ frames
     def add_frame(self, key: tuple[int, int], image: np.ndarray, clip_dense: torch.Tensor) -> CachedFrame:
         """Cache a frame with the dense pass's CLIP features (the shared backbone pass)."""

@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--object-weight", type=float, default=1.0,
                         help="weight of the object loss: each instance's mask-pooled patch embedding classified")
+    parser.add_argument("--shape-weight", type=float, default=0.0,
+                        help="weight of the shape loss: the object loss among same-colour classes only (hard "
+                             "negatives; the demo CLIP tells colours apart but confuses shapes)")
     parser.add_argument("--init", help="start from these weights (fine-tuning) instead of random init")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU matrix units)")
     parser.add_argument("--out", default="models/demo/ovseg-demo-clip.safetensors")
@@ -119,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     images, label_maps, instance_maps, instance_ids, captions = build_pool(args.pool, args.seed, size)
     objects_seen = object_class_names("seen")
     object_cols = torch.tensor([seen.index(name) for name in objects_seen])  # object columns of `seen`
+    colours = [name.split()[0] for name in objects_seen]
+    other_colour = torch.tensor([[a != b for b in colours] for a in colours])  # (O, O) True = different colour
     print(f"pool of {args.pool} scenes generated in {time.time() - start:.0f} s", flush=True)
 
     optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.98))
@@ -171,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         object_logits = scale * pooled[valid] @ class_text.float()[object_cols].T
         object_target = (to_seen[ids[valid]].unsqueeze(1) == object_cols.unsqueeze(0)).float().argmax(1)
         loss_object = F.cross_entropy(object_logits, object_target) if valid.any() else torch.zeros(())
-        loss = loss_contrastive + args.dense_weight * loss_dense + args.object_weight * loss_object
+        loss_shape = torch.zeros(())
+        if args.shape_weight > 0 and valid.any():  # same logits, other colours masked: only shape can tell
+            same_colour = object_logits.masked_fill(other_colour[object_target], float("-inf"))
+            loss_shape = F.cross_entropy(same_colour, object_target)
+        loss = (loss_contrastive + args.dense_weight * loss_dense + args.object_weight * loss_object
+                + args.shape_weight * loss_shape)
 
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{(now - t0) / 60:5.1f} min step {step} imgs {seen_images} lr {lr:.2e} "
                 f"contrastive {loss_contrastive.item():.3f} dense {loss_dense.item():.3f} "
-                f"object {loss_object.item():.3f}",
+                f"object {loss_object.item():.3f} shape {loss_shape.item():.3f}",
                 flush=True,
             )
             last_log = now

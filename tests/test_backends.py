@@ -100,3 +100,24 @@ def test_node_with_the_auto_backend(tmp_path, make_client):
         assert status is not None
     finally:
         assert proc.stop() == 0
+
+
+def test_speed_harness_prints_and_writes_every_available_backend(tmp_path, capsys):
+    """`ovseg-bench speed --backend all`: a row per backend that can run here, the machine, the camera batch."""
+    import json
+
+    from ovseg_ros.bench.speed import main
+
+    out = tmp_path / "speed.json"
+    assert main(["--clip", "ovseg-demo-vit", "--sizes", "5", "--runs", "1", "--backend", "all", "--modes", "full",
+                 "--width", "160", "--height", "120", "--cameras", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    ran = {row["backend"] for row in report["rows"]}
+    assert {"torch", "onnxruntime"} <= ran
+    if not torch.cuda.is_available():
+        assert "tensorrt" not in ran and "backend tensorrt skipped" in printed
+    assert report["machine"]["cores"] and report["machine"]["matmul_fp32_gflops"] > 0
+    assert all(row["fps"] > 0 and row["image_encoder"] > 0 for row in report["rows"])
+    assert report["cameras"]["cameras"] == 2 and report["cameras"]["batched_ms"] > 0
+    assert "2 cameras" in printed

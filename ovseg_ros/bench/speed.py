@@ -1,6 +1,7 @@
 """Speed benchmark: per-stage latency of the dense segmenter at 640x480, full vocabulary vs category selection.
 
-    ovseg-bench speed [--clip ViT-B-16] [--sizes 20,150,847] [--runs 5] [--json out.json]
+    ovseg-bench speed [--clip ViT-B-16] [--sizes 20,150,847] [--runs 5] [--backend all] [--precision fp32,fp16]
+                      [--device cuda] [--cameras 2] [--json out.json]
 
 Random weights are fine for speed (the work does not depend on the values), except that category selection keeps
 a weight-dependent number of classes: the table prints how many it kept. Also prints the machine's measured
@@ -41,15 +42,20 @@ def machine_info() -> dict:
             "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
-def matmul_gflops(size: int = 1024, runs: int = 10, dtype: torch.dtype = torch.float32) -> float:
-    """Median float32 GEMM throughput of this machine (the compute bound the dense pass is compared to)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_gflops(size: int = 1024, runs: int = 10, dtype: torch.dtype = torch.float32,
+                  device: str = "cpu") -> float:
+    """Median GEMM throughput of this machine's device (the compute bound the dense pass is compared to)."""
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
     for _ in range(2):
         a @ b
     times = []
     for _ in range(runs):
+        sync()
         start = time.perf_counter()
         a @ b
+        sync()
         times.append(time.perf_counter() - start)
     return 2 * size**3 / float(np.median(times)) / 1e9
 
@@ -134,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--input-size", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     parser.add_argument("--backend", default="torch",
                         help="comma-separated backends, or 'all' (those that can run here)")
@@ -148,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     info = machine_info()
-    info["matmul_fp32_gflops"] = round(matmul_gflops(), 1)
-    encoder = load_clip(args.clip)
+    info["matmul_fp32_gflops"] = round(matmul_gflops(device=args.device), 1)
+    encoder = load_clip(args.clip, device=args.device)
     cache = TextEmbeddingCache(encoder.encode_text, encoder.model_id)
     image = generate_scene(7, size=(args.height, args.width), split="eval").image
     base = DenseConfig(input_size=args.input_size)

@@ -47,6 +47,11 @@ def test_onnxruntime_matches_eager_and_reuses_its_cache(encoder, tmp_path):
     assert (global_emb - reference[0]).abs().max() < TOLERANCE
     assert (dense - reference[1]).abs().max() < TOLERANCE
     assert runner.export_seconds  # built once
+    batch = torch.cat([pixels, pixels.flip(-1), pixels])  # several cameras' frames: the same artefact
+    batch_global, batch_dense = runner(batch)
+    assert batch_dense.shape[0] == 3 and len(runner.export_seconds) == 1
+    assert (batch_dense[2] - reference[1][0]).abs().max() < TOLERANCE
+    assert (batch_global[0] - reference[0][0]).abs().max() < TOLERANCE
     again = make_runner(encoder, "plain", "onnxruntime", cache_dir=tmp_path)
     again(pixels)
     assert not again.export_seconds  # loaded from the cache, not exported again

@@ -103,7 +103,8 @@ class CompiledRunner(TowerRunner):
 
 
 class OnnxRunner(TowerRunner):
-    """ONNX export per input shape (cached), run by onnxruntime with the best execution provider present."""
+    """ONNX export per image size with a dynamic batch (cached), run by onnxruntime with the best execution
+    provider present; one artefact serves one camera or a batch of several."""
 
     name = "onnxruntime"
 
@@ -130,9 +131,10 @@ class OnnxRunner(TowerRunner):
     def _session(self, shape: tuple[int, ...]):
         import onnxruntime
 
+        shape = shape[1:]  # (3, H, W): the batch dimension is dynamic
         if shape in self.sessions:
             return self.sessions[shape]
-        key = cache_key(self.model_id, self.name, shape, self.precision, self.tower.variant,
+        key = cache_key(self.model_id, self.name, ("batch", *shape), self.precision, self.tower.variant,
                         self.tower.encoder.device)
         path = self.cache_dir / f"{key}.onnx"
         session = None
@@ -159,12 +161,16 @@ class OnnxRunner(TowerRunner):
 
 
 def export_onnx(tower: DenseTower, shape: tuple[int, ...], path: Path) -> None:
+    """ONNX graph of the tower for (batch, *shape) inputs, batch 1..8."""
+    from torch.export import Dim
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
-    example = torch.zeros(shape, device=tower.encoder.device)
+    example = torch.zeros((2, *shape[-3:]), device=tower.encoder.device)  # batch 1 would be specialised away
     with torch.inference_mode(False), torch.no_grad():
         torch.onnx.export(tower, (example,), str(tmp), input_names=["pixels"], output_names=["global", "dense"],
-                          dynamo=True, external_data=False, verbose=False)
+                          dynamo=True, external_data=False, verbose=False,
+                          dynamic_shapes={"pixels": {0: Dim("batch", min=1, max=8)}})
     tmp.replace(path)
 
 
@@ -200,8 +206,8 @@ class TensorRTRunner(TowerRunner):
     def _engine(self, shape: tuple[int, ...]):
         import torch_tensorrt
 
-        if shape in self.engines:
-            return self.engines[shape]
+        if shape[1:] in self.engines:  # one engine (batch 1..8) per image size: one camera or several
+            return self.engines[shape[1:]]
         key = cache_key(self.model_id, self.name, shape[1:], self.precision, self.tower.variant,
                         self.tower.encoder.device)
         path = self.cache_dir / f"{key}.ep"
@@ -220,8 +226,11 @@ class TensorRTRunner(TowerRunner):
                                            dtype=torch.float32)]
             engine = torch_tensorrt.dynamo.compile(program, inputs=inputs, enabled_precisions={dtype})
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch_tensorrt.save(engine, str(path), inputs=[torch.zeros(shape, device="cuda")])
-        self.engines[shape] = engine
+            try:  # the Input ranges keep the batch dynamic in the saved program
+                torch_tensorrt.save(engine, str(path), arg_inputs=inputs)
+            except TypeError:  # torch-tensorrt before 2.4 names the argument `inputs`
+                torch_tensorrt.save(engine, str(path), inputs=inputs)
+        self.engines[shape[1:]] = engine
         return engine
 
     @torch.inference_mode()

@@ -89,6 +89,9 @@ class SegmentationResult:
         return float(sum(self.timings_ms.values()))
 
 
+MAX_BATCH = 8  # frames per image-tower pass: the exported backends are built for batch 1..8
+
+
 class DenseSegmenter:
     """CLIP dense features -> cosine similarity to class text embeddings -> upsampled label map."""
 
@@ -240,7 +243,8 @@ class DenseSegmenter:
         for index, image_rgb in enumerate(images_rgb):
             groups.setdefault(self.model_input_shape(*image_rgb.shape[:2]), []).append(index)
         results: list[SegmentationResult | None] = [None] * len(images_rgb)
-        for members in groups.values():
+        chunks = [members[i:i + MAX_BATCH] for members in groups.values() for i in range(0, len(members), MAX_BATCH)]
+        for members in chunks:
             timings: dict[str, float] = {}
             clock = _Stopwatch(timings)
             pixels = torch.cat([self.preprocess(images_rgb[i]) for i in members])

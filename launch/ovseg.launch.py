@@ -1,15 +1,20 @@
-"""Launch ovseg_node for one camera.
+"""Launch ovseg_node for one camera, or for several cameras served by one node and one model.
 
     ros2 launch ovseg_ros ovseg.launch.py camera:=/camera/image_raw [namespace:=front] \
         [params_file:=/path/to/ovseg.yaml] [log_level:=info] [autostart:=true] [use_fastdds_profile:=true]
 
-One node per camera: give each camera its own namespace (outputs then live under /<namespace>/...).
+    ros2 launch ovseg_ros ovseg.launch.py cameras:=front,rear \
+        camera:=/front/color/image_raw,/rear/color/image_raw [namespace:=robot]
+
+With `cameras`, camera i's topic is remapped to `<namespace>/<camera i>/image` and its outputs are
+`<namespace>/<camera i>/labels`, `.../segmentation`, `.../overlay`; the vocabulary services, `label_info` and
+`segment_prompt` (with its `camera` field) are the node's. Without, the outputs are `<namespace>/labels`, ...
 """
 
 import os
 
 from ament_index_python.packages import get_package_share_directory
-from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
@@ -17,11 +22,49 @@ from launch_ros.actions import Node
 from launch import LaunchDescription
 
 
+def camera_remappings(cameras: str, topics: str) -> tuple[list[str], list[tuple[str, str]]]:
+    """Camera names and the image remappings; the names and topics must pair up one to one."""
+    names = [n.strip().strip("/") for n in cameras.split(",") if n.strip()]
+    topic_list = [t.strip() for t in topics.split(",") if t.strip()]
+    if not names:
+        if len(topic_list) != 1:
+            raise RuntimeError(f"camera must name one image topic without `cameras`, got {topics!r}")
+        return [], [("image", topic_list[0])]
+    if len(names) != len(topic_list):
+        raise RuntimeError(f"cameras ({len(names)} names) and camera ({len(topic_list)} topics) must pair up one "
+                           f"to one, e.g. cameras:=front,rear camera:=/front/image_raw,/rear/image_raw")
+    return names, [(f"{name}/image", topic) for name, topic in zip(names, topic_list, strict=True)]
+
+
+def ovseg_node(context, *args, **kwargs) -> list:
+    """Built once the arguments are known (the remappings depend on how many cameras there are)."""
+    config = context.launch_configurations
+    names, remappings = camera_remappings(config["cameras"], config["camera"])
+    overrides = {"autostart": LaunchConfiguration("autostart")}
+    if names:
+        overrides["cameras"] = names
+    return [Node(
+        package="ovseg_ros",
+        executable="ovseg_node",
+        name="ovseg",
+        namespace=LaunchConfiguration("namespace"),
+        parameters=[LaunchConfiguration("params_file"), overrides],
+        remappings=remappings,
+        arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
+        output="screen",
+        emulate_tty=True,
+    )]
+
+
 def generate_launch_description() -> LaunchDescription:
     share = get_package_share_directory("ovseg_ros")
     return LaunchDescription([
         DeclareLaunchArgument("camera", default_value="/camera/image_raw",
-                              description="sensor_msgs/Image topic to segment"),
+                              description="sensor_msgs/Image topic to segment; with `cameras`, one per camera, "
+                                          "comma-separated, in the same order"),
+        DeclareLaunchArgument("cameras", default_value="",
+                              description="comma-separated camera names served by one node (outputs under "
+                                          "<namespace>/<name>/); empty = one camera"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace of the node and its outputs"),
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "ovseg.yaml"),
                               description="ROS 2 parameters file for ovseg_node"),
@@ -33,15 +76,5 @@ def generate_launch_description() -> LaunchDescription:
         SetEnvironmentVariable("FASTDDS_DEFAULT_PROFILES_FILE", os.path.join(share, "config", "fastdds.xml"),
                                condition=IfCondition(LaunchConfiguration("use_fastdds_profile"))),
         SetEnvironmentVariable("HF_HUB_OFFLINE", "1"),
-        Node(
-            package="ovseg_ros",
-            executable="ovseg_node",
-            name="ovseg",
-            namespace=LaunchConfiguration("namespace"),
-            parameters=[LaunchConfiguration("params_file"), {"autostart": LaunchConfiguration("autostart")}],
-            remappings=[("image", LaunchConfiguration("camera"))],
-            arguments=["--ros-args", "--log-level", LaunchConfiguration("log_level")],
-            output="screen",
-            emulate_tty=True,
-        ),
+        OpaqueFunction(function=ovseg_node),
     ])

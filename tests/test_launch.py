@@ -45,11 +45,11 @@ def stand_in_modules() -> dict[str, types.ModuleType]:
     return modules
 
 
-def load_launch_description(file: str = "ovseg.launch.py"):
+def load_launch_description():
     saved = {name: sys.modules.get(name) for name in stand_in_modules()}
     sys.modules.update(stand_in_modules())
     try:
-        spec = importlib.util.spec_from_file_location("ovseg_launch", ROOT / "launch" / file)
+        spec = importlib.util.spec_from_file_location("ovseg_launch", ROOT / "launch" / "ovseg.launch.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module.generate_launch_description()
@@ -91,18 +91,32 @@ def command_line(node, arguments: dict[str, str]) -> list[str]:
     return cmd + [a for a in extra if a != "--ros-args"]
 
 
+def declared_node(entities, arguments: dict[str, str]):
+    """Run the launch file's OpaqueFunction as launch does once the arguments are known: the Node it returns."""
+    function = next(e for e in entities if type(e).__name__ == "OpaqueFunction").kwargs["function"]
+    (node,) = function(types.SimpleNamespace(launch_configurations=arguments))
+    return node
+
+
 def test_launch_file_declares_what_the_readme_says():
     description = load_launch_description()
     entities = description.args[0]
     declared = {e.args[0]: e.kwargs["default_value"] for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
-    assert set(declared) == {"camera", "namespace", "params_file", "log_level", "autostart", "use_fastdds_profile"}
-    assert declared["camera"] == "/camera/image_raw"
+    assert set(declared) == {"camera", "cameras", "namespace", "params_file", "log_level", "autostart",
+                             "use_fastdds_profile"}
+    assert declared["camera"] == "/camera/image_raw" and declared["cameras"] == ""
     assert Path(declared["params_file"]).is_file()
     env = {e.args[0]: e.args[1] for e in entities if type(e).__name__ == "SetEnvironmentVariable"}
     assert Path(env["FASTDDS_DEFAULT_PROFILES_FILE"]).is_file() and env["HF_HUB_OFFLINE"] == "1"
-    nodes = [e for e in entities if type(e).__name__ == "Node"]
-    assert len(nodes) == 1 and nodes[0].kwargs["package"] == "ovseg_ros"
-    assert nodes[0].kwargs["executable"] == "ovseg_node"
+    node = declared_node(entities, declared)
+    assert node.kwargs["package"] == "ovseg_ros" and node.kwargs["executable"] == "ovseg_node"
+    assert node.kwargs["remappings"] == [("image", "/camera/image_raw")]
+    for bad in ({"camera": "/a,/b"}, {"cameras": "front,rear", "camera": "/only/one"}):
+        try:  # a camera without a topic (or the reverse) is refused before anything starts
+            declared_node(entities, {**declared, **bad})
+            raise AssertionError(f"accepted {bad}")
+        except RuntimeError as exc:
+            assert "camera" in str(exc)
     params = yaml.safe_load(Path(declared["params_file"]).read_text())["/**"]["ros__parameters"]
     assert params["image_qos"] == "sensor_data" and params["clip_model"] == "ovseg-demo-clip"
 
@@ -120,7 +134,7 @@ def test_the_declared_command_line_runs_and_builds_the_expected_graph(tmp_path, 
     params_file.write_text(yaml.safe_dump(params))
     arguments = {**declared, "camera": "/front_camera/color/image_raw", "namespace": "front",
                  "params_file": str(params_file), "log_level": "info"}
-    node = next(e for e in entities if type(e).__name__ == "Node")
+    node = declared_node(entities, arguments)
     env = dict(os.environ)
     env.update({e.args[0]: e.args[1] for e in entities if type(e).__name__ == "SetEnvironmentVariable"})
     proc = Process(command_line(node, arguments), env, tmp_path / "launched.log")
@@ -150,27 +164,19 @@ def test_the_declared_command_line_runs_and_builds_the_expected_graph(tmp_path, 
 
 
 def test_the_multi_camera_launch_file_serves_every_camera_from_one_node(tmp_path, ros):
-    """launch/ovseg_cameras.launch.py: the OpaqueFunction is run with the arguments as launch would, and the one
-    node it declares subscribes to every camera's topic and publishes per-camera outputs."""
+    """`cameras:=front,rear camera:=A,B`: the one node declared subscribes to every camera's topic and publishes
+    per-camera outputs."""
     import rclpy
 
-    entities = load_launch_description("ovseg_cameras.launch.py").args[0]
+    entities = load_launch_description().args[0]
     declared = {e.args[0]: e.kwargs["default_value"] for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
-    assert {"cameras", "camera_topics", "namespace", "params_file", "autostart"} <= set(declared)
     params = yaml.safe_load(Path(declared["params_file"]).read_text())
     params["/**"]["ros__parameters"].update(clip_model="ovseg-demo-vit", sam_model="")
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
-    arguments = {**declared, "cameras": "front, rear", "camera_topics": "/front_cam/image_raw,/rear_cam/image_raw",
+    arguments = {**declared, "cameras": "front, rear", "camera": "/front_cam/image_raw,/rear_cam/image_raw",
                  "namespace": "robot", "params_file": str(params_file)}
-    function = next(e for e in entities if type(e).__name__ == "OpaqueFunction").kwargs["function"]
-    context = types.SimpleNamespace(launch_configurations=arguments)
-    (node,) = function(context)
-    try:  # a mismatched pair of lists is refused before anything starts
-        function(types.SimpleNamespace(launch_configurations={**arguments, "camera_topics": "/only/one"}))
-        raise AssertionError("a camera without a topic was accepted")
-    except RuntimeError as exc:
-        assert "pair up" in str(exc)
+    node = declared_node(entities, arguments)
     env = dict(os.environ)
     env.update({e.args[0]: e.args[1] for e in entities if type(e).__name__ == "SetEnvironmentVariable"})
     proc = Process(command_line(node, arguments), env, tmp_path / "launched.log")

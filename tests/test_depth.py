@@ -200,3 +200,49 @@ def test_region_centroid_of_known_objects_is_exact():
             assert extent[2] < 0.01  # a flat object at one depth
     points, rows, cols = back_project(depth_m, intrinsics, max_range=5.0, stride=2)
     assert rows.max() % 2 == 0 and cols.max() % 2 == 0 and (points[:, 2] <= 5.0).all()
+
+
+def test_depth_per_camera_in_a_multi_camera_node(tmp_path, ros):
+    """cameras [front, rear]: each camera pairs its own depth; the one without depth warns under its name and
+    still gets its 2D output."""
+    from ovseg_ros.client import OvsegClient
+
+    proc = start_node(tmp_path, name="ovseg_md", namespace="multi_depth",
+                      params={"use_depth": True, "cameras": ["front", "rear"], "max_range_m": 5.0})
+    clients = {name: OvsegClient("/multi_depth", name=f"multi_depth_{name}", camera=name) for name in ("front", "rear")}
+    front = clients["front"]
+    try:
+        front.subscribe("labels_cloud", PointCloud2)
+        clients["rear"].subscribe("labels_cloud", PointCloud2)
+        depth_pub = front.node.create_publisher(Image, "/multi_depth/front/depth/image", qos_profile_sensor_data)
+        info_pub = front.node.create_publisher(CameraInfo, "/multi_depth/front/depth/camera_info", 10)
+        assert front.wait_ready(90), proc.output()
+        assert front.set_vocabulary(["grass", "water", "sky", "wall", "sand", "red circle", "blue star"]).success
+        scene, depth = scene_with_depth(4)
+        info_pub.publish(info_msg())
+        assert wait_until(lambda: info_pub.get_subscription_count() > 0, 5)
+        cloud = None
+        for _ in range(10):
+            info_pub.publish(info_msg())
+            assert send(front, depth_pub, scene.image, depth, 300)
+            cloud = front.wait_for("labels_cloud", lambda m: m.header.stamp.sec == 300, 1.5)
+            if cloud is not None:
+                break
+        assert cloud is not None, proc.output()[-2000:]
+        points = read_cloud(cloud)
+        valid = (depth > 0) & (depth <= 5000)
+        assert len(points) == int(valid.sum())
+        rear = clients["rear"]  # no depth on this camera: 2D output as usual, a warning naming the camera
+        seg = None
+        for _ in range(10):
+            rear.publish_image(rgb_to_image(scene.image, header(301, "rear_optical")))
+            seg = rear.wait_for("segmentation", lambda m: m.header.stamp.sec == 301, 1.5)
+            if seg is not None:
+                break
+        assert seg is not None and seg.header.frame_id == "rear_optical"
+        assert wait_until(lambda: "[rear] no 3D output for this frame" in proc.output(), 5), proc.output()[-2000:]
+        assert rear.wait_for("labels_cloud", lambda m: True, 0.5) is None
+    finally:
+        for client in clients.values():
+            client.close()
+        assert proc.stop() == 0

@@ -95,7 +95,8 @@ def segment_command(args: argparse.Namespace) -> int:
     for name, rgb in progress:
         result = segmenter.segment(rgb, prepared)
         cv2.imwrite(str(out / f"{name}_labels.png"), result.labels)
-        overlay = blend(rgb, result.labels, len(names), names=names, class_ids=result.class_ids)
+        overlay = blend(rgb, result.labels, len(names), names=names, class_ids=result.class_ids,
+                        class_areas=result.class_areas)
         cv2.imwrite(str(out / f"{name}_overlay.png"), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
         frames.append({
             "name": name,

@@ -478,7 +478,8 @@ class OvsegNode(LifecycleNode):
         if self.get_parameter("publish_overlay").value:
             overlay = blend(rgb, result.labels, len(prepared.vocabulary),
                             alpha=float(self.get_parameter("overlay_alpha").value),
-                            names=prepared.vocabulary.display_names, class_ids=result.class_ids)
+                            names=prepared.vocabulary.display_names, class_ids=result.class_ids,
+                            class_areas=result.class_areas)
             camera.publishers["overlay"].publish(rgb_to_image(overlay, header))
 
     def _publish_3d(self, camera: Camera, header, rgb, result: SegmentationResult,

@@ -144,3 +144,25 @@ def test_config_rejects_bad_values():
                    {"refinement": "crf"}, {"input_size": -5}):
         with pytest.raises(ValueError):
             DenseConfig(**kwargs)
+
+
+def test_overlay_legend_lists_the_largest_classes_and_counts_the_rest():
+    """Many classes on a small image: the legend shows what fits, largest first, and says how many it left out."""
+    from ovseg_ros.core.overlay import blend
+
+    labels = np.full((120, 160), 29, np.uint16)
+    for k in range(29):  # 30 classes in vertical stripes; the last id, 29, fills the most
+        labels[:, 4 * k:4 * k + 4] = k
+    names = [f"class {k}" for k in range(30)]
+    ids = list(range(30))
+    areas = [float(np.mean(labels == k)) for k in ids]
+    image = np.full((120, 160, 3), 90, np.uint8)
+    with_legend = blend(image, labels, 30, alpha=0.0, names=names, class_ids=ids, class_areas=areas)
+    without = blend(image, labels, 30, alpha=0.0)
+    changed_rows = np.nonzero((with_legend != without).any(axis=(1, 2)))[0]
+    assert changed_rows.max() < 120  # every legend row inside the image
+    # the first swatch is the largest class's colour (class 29), not the first id's
+    from ovseg_ros.core.overlay import palette
+
+    assert tuple(with_legend[10, 9]) == tuple(int(c) for c in palette(30)[29])
+    assert changed_rows.max() > 60  # it used the height, ending with a "+N more" row

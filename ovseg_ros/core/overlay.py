@@ -27,8 +27,10 @@ def colourise(labels: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def blend(image_rgb: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.5,
-          names: list[str] | None = None, class_ids: list[int] | None = None) -> np.ndarray:
-    """Colour blend of the labels over the image, region outlines, and a legend of the classes present."""
+          names: list[str] | None = None, class_ids: list[int] | None = None,
+          class_areas: list[float] | None = None) -> np.ndarray:
+    """Colour blend of the labels over the image, region outlines, and a legend of the classes present (largest
+    area first when the areas are given)."""
     colours = colourise(labels, num_classes)
     out = cv2.addWeighted(image_rgb, 1.0 - alpha, colours, alpha, 0.0)
     unlabelled = labels == UNLABELLED
@@ -36,16 +38,26 @@ def blend(image_rgb: np.ndarray, labels: np.ndarray, num_classes: int, alpha: fl
     edges = cv2.morphologyEx(labels.astype(np.uint16), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
     out[edges] = (255, 255, 255)
     if names and class_ids:
-        draw_legend(out, [names[i] for i in class_ids], palette(num_classes)[class_ids])
+        ids = list(class_ids)
+        if class_areas is not None:
+            ids = [i for _, i in sorted(zip(class_areas, class_ids, strict=True), key=lambda pair: -pair[0])]
+        draw_legend(out, [names[i] for i in ids], palette(num_classes)[ids])
     return out
 
 
 def draw_legend(image: np.ndarray, names: list[str], colours: np.ndarray, max_rows: int = 12) -> None:
+    """One row per class down the left edge; as many rows as fit (at most max_rows), then "+N more"."""
     scale = max(0.35, min(image.shape[:2]) / 900)
     row_h = int(22 * scale / 0.5)
-    for row, (name, colour) in enumerate(zip(names[:max_rows], colours[:max_rows], strict=False)):
+    fit = max(1, min(max_rows, (image.shape[0] - 6) // row_h))
+    shown = fit if len(names) <= fit else fit - 1  # keep the last row for the count of the rest
+    rows = list(zip(names[:shown], colours[:shown], strict=True))
+    if len(names) > shown:
+        rows.append((f"+{len(names) - shown} more", None))
+    for row, (name, colour) in enumerate(rows):
         y = 6 + row * row_h
-        cv2.rectangle(image, (6, y), (6 + row_h - 4, y + row_h - 4), tuple(int(c) for c in colour), -1)
+        if colour is not None:
+            cv2.rectangle(image, (6, y), (6 + row_h - 4, y + row_h - 4), tuple(int(c) for c in colour), -1)
         cv2.putText(image, name, (10 + row_h, y + row_h - 8), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3,
                     cv2.LINE_AA)
         cv2.putText(image, name, (10 + row_h, y + row_h - 8), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1,

@@ -100,7 +100,7 @@ SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("image_reliability", "", "override the reliability of image_qos; empty = the profile's",
               read_only=True, choices=("", "best_effort", "reliable")),
     ParamSpec("qos_depth", 1, "queue depth of the image subscription", read_only=True, low=1, high=100),
-    ParamSpec("max_rate_hz", 0.0, "process at most this many frames per second; 0 = as fast as possible",
+    ParamSpec("max_rate_hz", 0.0, "process at most this many frames per second per camera; 0 = as fast as possible",
               low=0.0, high=1000.0),
     ParamSpec("publish_overlay", True, "publish the rgb8 colour overlay for rviz"),
     ParamSpec("overlay_alpha", 0.5, "opacity of the class colours in the overlay", low=0.0, high=1.0),

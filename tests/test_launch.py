@@ -121,51 +121,10 @@ def test_launch_file_declares_what_the_readme_says():
     assert params["image_qos"] == "sensor_data" and params["clip_model"] == "ovseg-demo-clip"
 
 
-def test_the_declared_command_line_runs_and_builds_the_expected_graph(tmp_path, ros):
-    import rclpy
-
-    description = load_launch_description()
-    entities = description.args[0]
-    declared = {e.args[0]: e.kwargs["default_value"] for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
-    # A quick-to-load variant of the shipped params file: same keys, the random-init model and no SAM.
-    params = yaml.safe_load(Path(declared["params_file"]).read_text())
-    params["/**"]["ros__parameters"].update(clip_model="ovseg-demo-vit", sam_model="")
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params))
-    arguments = {**declared, "camera": "/front_camera/color/image_raw", "namespace": "front",
-                 "params_file": str(params_file), "log_level": "info"}
-    node = declared_node(entities, arguments)
-    env = dict(os.environ)
-    env.update({e.args[0]: e.args[1] for e in entities if type(e).__name__ == "SetEnvironmentVariable"})
-    proc = Process(command_line(node, arguments), env, tmp_path / "launched.log")
-    probe = rclpy.create_node("launch_probe")
-    try:
-        def graph_ready() -> bool:  # the node appears first; its services last, once the models are loaded
-            if ("ovseg", "/front") not in probe.get_node_names_and_namespaces():
-                return False
-            return "/front/get_vocabulary" in dict(probe.get_service_names_and_types_by_node("ovseg", "/front"))
-
-        assert wait_until(graph_ready, 60, interval=0.2), proc.output()
-        time.sleep(0.5)
-        subs = dict(probe.get_subscriber_names_and_types_by_node("ovseg", "/front"))
-        pubs = dict(probe.get_publisher_names_and_types_by_node("ovseg", "/front"))
-        services = dict(probe.get_service_names_and_types_by_node("ovseg", "/front"))
-        assert subs["/front_camera/color/image_raw"] == ["sensor_msgs/msg/Image"]
-        for topic, kind in (("/front/labels", "sensor_msgs/msg/Image"), ("/front/overlay", "sensor_msgs/msg/Image"),
-                            ("/front/segmentation", "ovseg_interfaces/msg/Segmentation"),
-                            ("/front/label_info", "ovseg_interfaces/msg/LabelInfo"),
-                            ("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray")):
-            assert pubs.get(topic) == [kind], (topic, pubs)
-        assert services["/front/set_vocabulary"] == ["ovseg_interfaces/srv/SetVocabulary"]
-        assert services["/front/get_vocabulary"] == ["ovseg_interfaces/srv/GetVocabulary"]
-    finally:
-        probe.destroy_node()
-        assert proc.stop() == 0, proc.output()
-
-
-def test_the_multi_camera_launch_file_serves_every_camera_from_one_node(tmp_path, ros):
-    """`cameras:=front,rear camera:=A,B`: the one node declared subscribes to every camera's topic and publishes
-    per-camera outputs."""
+def launched_graph(tmp_path: Path, overrides: dict[str, str], namespace: str) -> tuple[dict, dict, dict]:
+    """Start the node exactly as the launch file declares it for these arguments (with a quick-to-load variant of
+    the shipped params file: same keys, the random-init model, no SAM); its subscriptions, publications and
+    services once it is ready, then stop it with SIGINT as launch does."""
     import rclpy
 
     entities = load_launch_description().args[0]
@@ -174,31 +133,52 @@ def test_the_multi_camera_launch_file_serves_every_camera_from_one_node(tmp_path
     params["/**"]["ros__parameters"].update(clip_model="ovseg-demo-vit", sam_model="")
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
-    arguments = {**declared, "cameras": "front, rear", "camera": "/front_cam/image_raw,/rear_cam/image_raw",
-                 "namespace": "robot", "params_file": str(params_file)}
+    arguments = {**declared, "params_file": str(params_file), "namespace": namespace, **overrides}
     node = declared_node(entities, arguments)
     env = dict(os.environ)
     env.update({e.args[0]: e.args[1] for e in entities if type(e).__name__ == "SetEnvironmentVariable"})
     proc = Process(command_line(node, arguments), env, tmp_path / "launched.log")
-    probe = rclpy.create_node("launch_cameras_probe")
+    probe = rclpy.create_node(f"launch_probe_{namespace}")
+    ns = f"/{namespace}"
     try:
-        def graph_ready() -> bool:
-            if ("ovseg", "/robot") not in probe.get_node_names_and_namespaces():
+        def graph_ready() -> bool:  # the node appears first; its services last, once the models are loaded
+            if ("ovseg", ns) not in probe.get_node_names_and_namespaces():
                 return False
-            return "/robot/get_vocabulary" in dict(probe.get_service_names_and_types_by_node("ovseg", "/robot"))
+            return f"{ns}/get_vocabulary" in dict(probe.get_service_names_and_types_by_node("ovseg", ns))
 
         assert wait_until(graph_ready, 60, interval=0.2), proc.output()
         time.sleep(0.5)
-        subs = dict(probe.get_subscriber_names_and_types_by_node("ovseg", "/robot"))
-        pubs = dict(probe.get_publisher_names_and_types_by_node("ovseg", "/robot"))
-        for camera in ("front", "rear"):
-            assert subs[f"/{camera}_cam/image_raw"] == ["sensor_msgs/msg/Image"]
-            assert pubs[f"/robot/{camera}/labels"] == ["sensor_msgs/msg/Image"]
-            assert pubs[f"/robot/{camera}/segmentation"] == ["ovseg_interfaces/msg/Segmentation"]
-        assert pubs["/robot/label_info"] == ["ovseg_interfaces/msg/LabelInfo"]
+        return (dict(probe.get_subscriber_names_and_types_by_node("ovseg", ns)),
+                dict(probe.get_publisher_names_and_types_by_node("ovseg", ns)),
+                dict(probe.get_service_names_and_types_by_node("ovseg", ns)))
     finally:
         probe.destroy_node()
         assert proc.stop() == 0, proc.output()
+
+
+def test_the_declared_command_line_runs_and_builds_the_expected_graph(tmp_path, ros):
+    subs, pubs, services = launched_graph(tmp_path, {"camera": "/front_camera/color/image_raw"}, "front")
+    assert subs["/front_camera/color/image_raw"] == ["sensor_msgs/msg/Image"]
+    for topic, kind in (("/front/labels", "sensor_msgs/msg/Image"), ("/front/overlay", "sensor_msgs/msg/Image"),
+                        ("/front/segmentation", "ovseg_interfaces/msg/Segmentation"),
+                        ("/front/label_info", "ovseg_interfaces/msg/LabelInfo"),
+                        ("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray")):
+        assert pubs.get(topic) == [kind], (topic, pubs)
+    assert services["/front/set_vocabulary"] == ["ovseg_interfaces/srv/SetVocabulary"]
+    assert services["/front/get_vocabulary"] == ["ovseg_interfaces/srv/GetVocabulary"]
+
+
+def test_the_multi_camera_launch_serves_every_camera_from_one_node(tmp_path, ros):
+    """`cameras:=front,rear camera:=A,B`: the one node declared subscribes to every camera's topic and publishes
+    per-camera outputs."""
+    subs, pubs, _ = launched_graph(tmp_path, {"cameras": "front, rear",
+                                              "camera": "/front_cam/image_raw,/rear_cam/image_raw"}, "robot")
+    for camera in ("front", "rear"):
+        assert subs[f"/{camera}_cam/image_raw"] == ["sensor_msgs/msg/Image"]
+        assert pubs[f"/robot/{camera}/labels"] == ["sensor_msgs/msg/Image"]
+        assert pubs[f"/robot/{camera}/segmentation"] == ["ovseg_interfaces/msg/Segmentation"]
+    assert pubs["/robot/label_info"] == ["ovseg_interfaces/msg/LabelInfo"]
+    assert "/robot/labels" not in pubs  # no unnamed camera beside the named ones
 
 
 def test_rviz_config_shows_topics_the_node_publishes():

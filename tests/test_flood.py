@@ -30,3 +30,31 @@ def test_flood_for_a_minute(tmp_path, make_client):
         assert report.outputs_received <= processed
     finally:
         assert proc.stop() == 0, proc.output()[-3000:]
+
+
+def test_three_cameras_flooding_one_node_are_served_fairly(tmp_path, make_client):
+    """Three 640x480 cameras at 15 Hz each into one node for 30 s: bounded memory, consistent counters per
+    camera, and no camera starved by the others (each batch takes the newest frame of every camera)."""
+    cameras = ["front", "left", "rear"]
+    proc = start_node(tmp_path, name="ovseg_flood3", namespace="flood3", params={"cameras": cameras})
+    clients = [make_client("/flood3", keep=20, camera=name) for name in cameras]
+    try:
+        assert clients[0].wait_ready(60), proc.output()
+        report = run_flood(proc, clients, seconds=30, rate=15, sample_every=5)
+        assert proc.alive(), proc.output()[-3000:]
+        print("flood samples:", report.samples, "final:", report.final)
+        growth = report.final["rss_mb"] - report.samples[1]["rss_mb"]
+        assert growth < 50, f"RSS grew {growth:.1f} MB: {report.samples}"
+        assert report.published >= 3 * 15 * 30 * 0.9, report.published
+        per_camera = report.final["cameras"]
+        assert set(per_camera) == set(cameras)
+        processed = {}
+        for name, counters in per_camera.items():
+            received, done = int(counters["frames_received"]), int(counters["frames_processed"])
+            dropped, rejected = int(counters["frames_dropped"]), int(counters["frames_rejected"])
+            assert rejected == 0 and 0 < received <= 15 * 30 * 1.1
+            assert received - 1 <= done + dropped <= received, (name, counters)
+            processed[name] = done
+        assert min(processed.values()) >= 0.8 * max(processed.values()), processed  # fair share
+    finally:
+        assert proc.stop() == 0, proc.output()[-3000:]

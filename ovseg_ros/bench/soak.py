@@ -1,7 +1,10 @@
 """Flood / soak: a camera-rate stream of 640x480 frames into a real node process for a long time, printing the
 node's memory, latency and drop counters over time.
 
-    ovseg-bench soak [--minutes 10] [--rate 30] [--clip ovseg-demo-clip] [--json soak.json]
+    ovseg-bench soak [--minutes 10] [--rate 30] [--clip ovseg-demo-clip] [--cameras 3] [--json soak.json]
+
+With --cameras N one node serves N cameras (cam0, cam1, ...), each streaming at --rate; the counters printed are
+summed over the cameras (latency: the worst camera's) and the frames processed per camera are listed.
 
 The tests run the same flood for 60 s and check memory growth and counter consistency.
 """
@@ -30,24 +33,29 @@ def rss_mb(pid: int) -> float:
 
 @dataclass
 class FloodReport:
-    published: int = 0
+    published: int = 0  # all cameras together
     publish_errors: int = 0
-    samples: list[dict] = field(default_factory=list)  # time, rss, diagnostics
+    samples: list[dict] = field(default_factory=list)  # time, rss, diagnostics (per camera under "cameras")
     outputs_received: int = 0
     final: dict = field(default_factory=dict)
 
 
-def run_flood(proc: Process, client, seconds: float, rate: float, width: int = 640, height: int = 480,
+def run_flood(proc: Process, clients, seconds: float, rate: float, width: int = 640, height: int = 480,
               sample_every: float = 5.0, printer=None) -> FloodReport:
-    """Publish frames at `rate` for `seconds` while sampling the node's RSS and its /diagnostics."""
+    """Publish frames at `rate` per camera for `seconds` while sampling the node's RSS and its /diagnostics.
+
+    `clients`: one OvsegClient, or one per camera of a multi-camera node (each publishing to its camera's
+    topic). A sample holds the node's counters flat for one camera and per camera under "cameras"."""
     from diagnostic_msgs.msg import DiagnosticArray
     from std_msgs.msg import Header
 
     from ..image_conversions import rgb_to_image
     from ..synth.world import generate_scene
 
+    clients = list(clients) if isinstance(clients, (list, tuple)) else [clients]
+    monitor = clients[0]
     report = FloodReport()
-    client.subscribe("/diagnostics", DiagnosticArray, keep=5)
+    monitor.subscribe("/diagnostics", DiagnosticArray, keep=5)
     frames = [generate_scene(i, size=(height, width), split="eval").image for i in range(8)]
     stop = threading.Event()
 
@@ -56,22 +64,27 @@ def run_flood(proc: Process, client, seconds: float, rate: float, width: int = 6
         next_time = time.monotonic()
         index = 0
         while not stop.is_set():
-            header = Header(frame_id="camera")
-            header.stamp.sec, header.stamp.nanosec = 1_000_000 + index // 1000, (index % 1000) * 1000
-            try:
-                client.publish_image(rgb_to_image(frames[index % len(frames)], header))
-                report.published += 1
-            except Exception:  # rclpy can refuse a publish under load; count it, keep going
-                report.publish_errors += 1
+            for camera, client in enumerate(clients):
+                header = Header(frame_id=f"camera{camera}")
+                header.stamp.sec, header.stamp.nanosec = 1_000_000 + index // 1000, (index % 1000) * 1000
+                try:
+                    client.publish_image(rgb_to_image(frames[(index + camera) % len(frames)], header))
+                    report.published += 1
+                except Exception:  # rclpy can refuse a publish under load; count it, keep going
+                    report.publish_errors += 1
             index += 1
             next_time += period
             time.sleep(max(0.0, next_time - time.monotonic()))
 
     def diagnostics() -> dict:
-        latest = client.received["/diagnostics"]
+        latest = monitor.received["/diagnostics"]
         if not latest:
             return {}
-        return {kv.key: kv.value for kv in latest[-1].status[0].values}
+        cameras = {}
+        for status in latest[-1].status:
+            values = {kv.key: kv.value for kv in status.values}
+            cameras[values.get("camera", "")] = values
+        return cameras[""] if len(clients) == 1 and "" in cameras else {"cameras": cameras}
 
     thread = threading.Thread(target=publish, daemon=True)
     start = time.monotonic()
@@ -86,7 +99,7 @@ def run_flood(proc: Process, client, seconds: float, rate: float, width: int = 6
     stop.set()
     thread.join()
     time.sleep(3.0)  # let the last frame finish and one more diagnostics message arrive
-    report.outputs_received = len(client.received["segmentation"])
+    report.outputs_received = sum(len(client.received["segmentation"]) for client in clients)
     report.final = {"rss_mb": round(rss_mb(proc.popen.pid), 1), **diagnostics()}
     return report
 
@@ -98,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", default="ovseg-demo-clip")
     parser.add_argument("--sam", default="")
     parser.add_argument("--every", type=float, default=30.0, help="seconds between printed samples")
+    parser.add_argument("--cameras", type=int, default=1, help="N > 1: one node serving N cameras at --rate each")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     os.environ.update(ros_environment(domain_id=random.Random(os.getpid()).randint(30, 200),
@@ -105,23 +119,37 @@ def main(argv: list[str] | None = None) -> int:
     from ..client import OvsegClient
 
     log = Path(tempfile.mkdtemp(prefix="ovseg-soak-")) / "node.log"
-    proc = Process(node_command("ovseg_ros.node", "ovseg", params={"clip_model": args.clip,
-                                                                   "sam_model": args.sam}), dict(os.environ), log)
-    client = OvsegClient("", name="ovseg_soak", keep=50)
+    names = [f"cam{i}" for i in range(args.cameras)] if args.cameras > 1 else [""]
+    params = {"clip_model": args.clip, "sam_model": args.sam}
+    if args.cameras > 1:
+        params["cameras"] = names
+    proc = Process(node_command("ovseg_ros.node", "ovseg", params=params), dict(os.environ), log)
+    clients = [OvsegClient("", name=f"ovseg_soak_{i}", keep=50, camera=name) for i, name in enumerate(names)]
     try:
-        if not client.wait_ready(120):
+        if not clients[0].wait_ready(120):
             print(proc.output()[-3000:])
             return 1
         print(f"{'t_s':>7} {'rss_mb':>8} {'published':>9} {'received':>8} {'processed':>9} {'dropped':>7} "
-              f"{'p50_ms':>7} {'p95_ms':>7} {'out_hz':>6}")
+              f"{'p50_ms':>7} {'p95_ms':>7} {'out_hz':>6}" + ("  processed per camera" if args.cameras > 1 else ""))
 
         def show(sample: dict) -> None:
-            print(f"{sample['t_s']:>7} {sample['rss_mb']:>8} {sample['published']:>9} "
-                  f"{sample.get('frames_received', '-'):>8} {sample.get('frames_processed', '-'):>9} "
-                  f"{sample.get('frames_dropped', '-'):>7} {sample.get('latency_p50_ms', '-'):>7} "
-                  f"{sample.get('latency_p95_ms', '-'):>7} {sample.get('output_rate_hz', '-'):>6}", flush=True)
+            per_camera = list(sample.get("cameras", {"": sample}).values())
 
-        report = run_flood(proc, client, args.minutes * 60, args.rate, sample_every=args.every, printer=show)
+            def total(key: str) -> str:
+                values = [float(c[key]) for c in per_camera if key in c]
+                return f"{sum(values):g}" if values else "-"
+
+            def worst(key: str) -> str:
+                values = [float(c[key]) for c in per_camera if key in c]
+                return f"{max(values):g}" if values else "-"
+
+            extra = "  " + " ".join(c.get("frames_processed", "-") for c in per_camera) if args.cameras > 1 else ""
+            print(f"{sample['t_s']:>7} {sample['rss_mb']:>8} {sample['published']:>9} "
+                  f"{total('frames_received'):>8} {total('frames_processed'):>9} {total('frames_dropped'):>7} "
+                  f"{worst('latency_p50_ms'):>7} {worst('latency_p95_ms'):>7} {total('output_rate_hz'):>6}{extra}",
+                  flush=True)
+
+        report = run_flood(proc, clients, args.minutes * 60, args.rate, sample_every=args.every, printer=show)
         first = report.samples[0]["rss_mb"] if report.samples else float("nan")
         print(f"RSS {first} -> {report.final['rss_mb']} MB (growth {report.final['rss_mb'] - first:+.1f} MB after "
               f"the first sample); published {report.published}, final counters {report.final}")
@@ -129,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps(report.__dict__, indent=1))
         return 0
     finally:
-        client.close()
+        for client in clients:
+            client.close()
         proc.stop()
 
 

@@ -42,6 +42,17 @@ def test_segment_folder_and_video(tmp_path):
     assert {c["id"] for c in frame["classes"]} == set(np.unique(labels).tolist()) - {65535}
     assert abs(sum(c["area"] for c in frame["classes"]) - 1.0) < 1e-3
     assert cv2.imread(str(out / "clip_000002_overlay.png")).shape == (120, 160, 3)
+    # --batch 3: the same frames in the same order, the same labels, fewer tower passes
+    batched = tmp_path / "batched"
+    proc = run("segment", str(images), str(video), "--vocab", VOCAB, "--out", str(batched), "--quiet",
+               "--selection", "0.3", "--tag-validation", "3", "--batch", "3")
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((batched / "summary.json").read_text())
+    assert [f["name"] for f in again["frames"]] == [f["name"] for f in summary["frames"]]
+    for frame in summary["frames"]:
+        one = cv2.imread(str(out / f"{frame['name']}_labels.png"), cv2.IMREAD_UNCHANGED)
+        many = cv2.imread(str(batched / f"{frame['name']}_labels.png"), cv2.IMREAD_UNCHANGED)
+        assert np.mean(one == many) > 0.999
 
 
 def test_bad_inputs_exit_2_with_a_message(tmp_path):
@@ -52,3 +63,6 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path):
     assert broken.returncode == 2 and "cannot read image" in broken.stderr
     empty = run("segment", str(tmp_path / "broken.png"), "--vocab", ",", "--out", str(tmp_path / "o"), "--quiet")
     assert empty.returncode == 2 and "empty" in empty.stderr
+    too_many = run("segment", str(tmp_path / "broken.png"), "--vocab", "cat", "--out", str(tmp_path / "o"),
+                   "--batch", "9")
+    assert too_many.returncode == 2 and "--batch" in too_many.stderr

@@ -19,3 +19,17 @@ def test_demo_runs_and_segments_for_real(tmp_path):
     # Measured 0.45 mean per-frame mIoU and 0.91 pixel accuracy on 8 frames (README): a floor, not a target.
     assert summary["mean_frame_miou"] >= 0.25 and summary["pixel_accuracy"] >= 0.8, summary
     assert "set_vocabulary: success=True" in proc.stdout
+
+
+def test_demo_with_two_cameras_served_by_one_node(tmp_path):
+    out = tmp_path / "demo2"
+    proc = subprocess.run([sys.executable, "-m", "ovseg_ros.demo", "--frames", "2", "--cameras", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["cameras"] == ["front", "rear"] and summary["frames"] == 4
+    assert sorted((row["camera"], row["frame"]) for row in summary["rows"]) == [
+        ("front", 0), ("front", 1), ("rear", 0), ("rear", 1)]
+    assert all((out / f"{camera}_frame_{i:02d}.png").is_file() for camera in ("front", "rear") for i in range(2))
+    assert summary["pixel_accuracy"] >= 0.8, summary
+    assert "front frame 0" in proc.stdout and "rear frame 0" in proc.stdout

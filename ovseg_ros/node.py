@@ -122,9 +122,10 @@ class OvsegNode(LifecycleNode):
             self.get_logger().fatal(f"configure failed: {exc}")
             self._release_models()
             return TransitionCallbackReturn.FAILURE
-        for camera in self.cameras:  # one SAM and one CLIP; a frame cache per camera
-            camera.prompter = self.prompter.for_another_camera() if self.prompter is not None and camera is not \
-                self.cameras[0] else self.prompter
+        if self.prompter is not None:  # one SAM and one CLIP; a frame cache per camera
+            self.cameras[0].prompter = self.prompter
+            for camera in self.cameras[1:]:
+                camera.prompter = self.prompter.for_another_camera()
         self._setup_publishers()
         self._setup_services()
         if self.get_parameter("use_depth").value:

@@ -175,3 +175,25 @@ def test_compressed_jpeg_png_and_corrupt_or_8k(compressed_node):
         assert reason in proc.output(), proc.output()[-2000:]
         assert send_until(compressed(jpeg, "jpeg", sec + 100), sec + 100) is not None
     assert proc.alive()
+
+
+def test_compressed_input_per_camera(tmp_path, make_client):
+    """input_type compressed with cameras: each camera reads NAME/image/compressed and answers on NAME/..."""
+    proc = start_node(tmp_path, name="ovseg_jpeg2", namespace="jpeg2",
+                      params={"input_type": "compressed", "cameras": "left,right"})
+    clients = {name: make_client("/jpeg2", camera=name) for name in ("left", "right")}
+    assert clients["left"].wait_ready(60), proc.output()
+    jpeg = cv2.imencode(".jpg", cv2.cvtColor(rgb_image(120, 160), cv2.COLOR_RGB2BGR))[1].tobytes()
+    try:
+        for sec, name in ((6001, "left"), (6002, "right")):
+            publisher = clients[name].node.create_publisher(CompressedImage, f"/jpeg2/{name}/image/compressed", 10)
+            got = None
+            for _ in range(10):
+                publisher.publish(compressed(jpeg, "jpeg", sec))
+                got = clients[name].wait_for("segmentation", lambda m, s=sec: m.header.stamp.sec == s, timeout=2.0)
+                if got is not None:
+                    break
+            assert got is not None and (got.labels.width, got.labels.height) == (160, 120), proc.output()[-2000:]
+        assert clients["left"].wait_for("segmentation", lambda m: m.header.stamp.sec == 6002, 0.5) is None
+    finally:
+        assert proc.stop() == 0

@@ -20,11 +20,12 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from launch import LaunchDescription
+from ovseg_ros.cameras import parse_camera_names
 
 
 def camera_remappings(cameras: str, topics: str) -> tuple[list[str], list[tuple[str, str]]]:
     """Camera names and the image remappings; the names and topics must pair up one to one."""
-    names = [n.strip().strip("/") for n in cameras.split(",") if n.strip()]
+    names = [name for name in parse_camera_names(cameras) if name]  # the node's own rules, checked before start
     topic_list = [t.strip() for t in topics.split(",") if t.strip()]
     if not names:
         if len(topic_list) != 1:

@@ -21,12 +21,16 @@ class CameraNameError(ValueError):
     pass
 
 
+def normalise_camera_name(text: str) -> str:
+    """" front/ " -> "front": how a camera name is written in parameters, launch arguments and requests."""
+    return text.strip().strip("/")
+
+
 def parse_camera_names(value: str | list[str] | tuple[str, ...]) -> list[str]:
     """`cameras` parameter -> camera names. Accepts a string array or one comma-separated string (what
     `-p cameras:=front,rear` gives); empty means one camera on the node's own topics."""
     items = value.split(",") if isinstance(value, str) else list(value)
-    names = [item.strip().strip("/") for item in items]
-    names = [name for name in names if name]
+    names = [name for name in map(normalise_camera_name, items) if name]
     for name in names:
         if not _NAME.match(name):
             raise CameraNameError(f"camera name {name!r} is not a valid relative ROS name (letters, digits, "
@@ -59,6 +63,11 @@ class Camera:
 
     def topic(self, base: str) -> str:
         return f"{self.name}/{base}" if self.name else base
+
+    @property
+    def log_prefix(self) -> str:
+        """What a log line about this camera starts with ("" for the one unnamed camera)."""
+        return f"[{self.name}] " if self.name else ""
 
     def remember(self, key: tuple[int, int], header, paired: PairedDepth | None, size: int) -> None:
         """Keep the header (and depth) of a cached frame for as long as the prompt cache keeps the frame."""

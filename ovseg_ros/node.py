@@ -38,7 +38,7 @@ from visualization_msgs.msg import MarkerArray  # noqa: E402
 from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentation  # noqa: E402
 from ovseg_interfaces.srv import GetVocabulary, SegmentPrompt, SetVocabulary  # noqa: E402
 
-from .cameras import Camera, CameraNameError, Frame, parse_camera_names  # noqa: E402
+from .cameras import Camera, CameraNameError, Frame, normalise_camera_name, parse_camera_names  # noqa: E402
 from .core.backends import BackendUnavailable  # noqa: E402
 from .core.dense import (  # noqa: E402
     DenseConfig,
@@ -441,8 +441,7 @@ class OvsegNode(LifecycleNode):
     def _report_refusal(self, camera: Camera, message: str, error: bool) -> None:
         """Count every refusal; the log says each new reason."""
         camera.stats.on_rejected(message)
-        where = f"[{camera.name}] " if camera.name else ""
-        self._log_new_reason(f"refusal/{camera.name}", where + message,
+        self._log_new_reason(f"refusal/{camera.name}", camera.log_prefix + message,
                              self.get_logger().error if error else self.get_logger().warning)
 
     def _log_new_reason(self, channel: str, message: str, log) -> None:
@@ -489,8 +488,7 @@ class OvsegNode(LifecycleNode):
         try:
             paired = camera.depth.pair(header.stamp, rgb.shape[:2])
         except DepthError as exc:
-            where = f"[{camera.name}] " if camera.name else ""
-            self._log_new_reason(f"depth/{camera.name}", f"{where}no 3D output for this frame: {exc}",
+            self._log_new_reason(f"depth/{camera.name}", f"{camera.log_prefix}no 3D output for this frame: {exc}",
                                  self.get_logger().warning)
             return None
         max_range = self.get_parameter("max_range_m").value
@@ -532,7 +530,7 @@ class OvsegNode(LifecycleNode):
 
     def _camera_named(self, name: str) -> Camera:
         """The camera a prompt means: empty = the first; an unknown name is refused with the known ones."""
-        name = name.strip().strip("/")
+        name = normalise_camera_name(name)
         if not name:
             return self.cameras[0]
         for camera in self.cameras:

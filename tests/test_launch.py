@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from ovseg_ros.cameras import CameraNameError
 from ovseg_ros.runtime import Process, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,6 +118,11 @@ def test_launch_file_declares_what_the_readme_says():
             raise AssertionError(f"accepted {bad}")
         except RuntimeError as exc:
             assert "camera" in str(exc)
+    try:  # camera names follow the node's own rules (ovseg_ros.cameras), checked before anything starts
+        declared_node(entities, {**declared, "cameras": "front,front", "camera": "/a,/b"})
+        raise AssertionError("accepted a repeated camera name")
+    except CameraNameError as exc:
+        assert "unique" in str(exc)
     params = yaml.safe_load(Path(declared["params_file"]).read_text())["/**"]["ros__parameters"]
     assert params["image_qos"] == "sensor_data" and params["clip_model"] == "ovseg-demo-clip"
 

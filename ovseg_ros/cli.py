@@ -9,6 +9,7 @@ summary.json with the vocabulary, per-frame classes, areas, scores and timings.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -71,14 +72,8 @@ def segment_in_batches(segmenter, prepared, frames: Iterator[tuple[str, np.ndarr
                        batch: int) -> Iterator[tuple[str, np.ndarray, object]]:
     """(name, frame, result) in input order; `batch` frames share each image-tower pass (a GPU runs a batch
     faster than its frames one by one)."""
-    pending: list[tuple[str, np.ndarray]] = []
-    for item in frames:
-        pending.append(item)
-        if len(pending) >= batch:
-            results = segmenter.segment_batch([rgb for _, rgb in pending], prepared)
-            yield from ((name, rgb, result) for (name, rgb), result in zip(pending, results, strict=True))
-            pending = []
-    if pending:
+    frames = iter(frames)
+    while pending := list(itertools.islice(frames, batch)):
         results = segmenter.segment_batch([rgb for _, rgb in pending], prepared)
         yield from ((name, rgb, result) for (name, rgb), result in zip(pending, results, strict=True))
 

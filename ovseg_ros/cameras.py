@@ -21,6 +21,17 @@ class CameraNameError(ValueError):
     pass
 
 
+CAMERA_NAMES = ("front", "rear", "left", "right")
+
+
+def default_camera_names(count: int) -> list[str]:
+    """[""] (one unnamed camera) for count 1; front, rear, left, right, cam4, ... for a node serving several
+    (the demo and the soak benchmark)."""
+    if count <= 1:
+        return [""]
+    return [CAMERA_NAMES[i] if i < len(CAMERA_NAMES) else f"cam{i}" for i in range(count)]
+
+
 def normalise_camera_name(text: str) -> str:
     """" front/ " -> "front": how a camera name is written in parameters, launch arguments and requests."""
     return text.strip().strip("/")

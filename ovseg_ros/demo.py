@@ -19,16 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .cameras import default_camera_names
 from .runtime import Process, node_command, ros_environment
-
-CAMERA_NAMES = ("front", "rear", "left", "right")
-
-
-def camera_names(count: int) -> list[str]:
-    """"" for the one-camera demo; front, rear, left, right, cam4, ... for a node serving several."""
-    if count <= 1:
-        return [""]
-    return [CAMERA_NAMES[i] if i < len(CAMERA_NAMES) else f"cam{i}" for i in range(count)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     domain = random.Random(os.getpid()).randint(30, 200)
     os.environ.update(ros_environment(domain_id=domain, log_dir=tempfile.mkdtemp(prefix="ovseg-demo-")))
     env = dict(os.environ)
-    names = camera_names(args.cameras)
+    names = default_camera_names(args.cameras)
     params = {"clip_model": args.clip, "refinement": args.refinement}
     if names != [""]:
         params["cameras"] = names

@@ -3,8 +3,9 @@ node's memory, latency and drop counters over time.
 
     ovseg-bench soak [--minutes 10] [--rate 30] [--clip ovseg-demo-clip] [--cameras 3] [--json soak.json]
 
-With --cameras N one node serves N cameras (cam0, cam1, ...), each streaming at --rate; the counters printed are
-summed over the cameras (latency: the worst camera's) and the frames processed per camera are listed.
+With --cameras N one node serves N cameras (front, rear, left, right, cam4, ...), each streaming at --rate; the
+counters printed are summed over the cameras (latency: the worst camera's) and the frames processed per camera
+are listed.
 
 The tests run the same flood for 60 s and check memory growth and counter consistency.
 """
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..cameras import default_camera_names
 from ..runtime import Process, node_command, ros_environment
 
 
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..client import OvsegClient
 
     log = Path(tempfile.mkdtemp(prefix="ovseg-soak-")) / "node.log"
-    names = [f"cam{i}" for i in range(args.cameras)] if args.cameras > 1 else [""]
+    names = default_camera_names(args.cameras)
     params = {"clip_model": args.clip, "sam_model": args.sam}
     if args.cameras > 1:
         params["cameras"] = names

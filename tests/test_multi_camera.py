@@ -16,6 +16,7 @@ from ovseg_ros.core.registry import load_clip
 from ovseg_ros.core.text_cache import TextEmbeddingCache
 from ovseg_ros.core.vocabulary import Vocabulary
 from ovseg_ros.image_conversions import image_to_array, rgb_to_image
+from ovseg_ros.runtime import wait_until
 from ovseg_ros.synth.world import generate_scene, world_vocabulary
 
 VOCABULARY = world_vocabulary()
@@ -175,3 +176,10 @@ def test_a_bad_frame_on_one_camera_does_not_stop_the_others(node):
     log = proc.output()
     assert "[rear] frame refused" in log
     assert proc.alive()
+
+
+def test_a_node_with_bad_camera_names_refuses_to_configure_and_says_why(tmp_path):
+    proc = start_node(tmp_path, name="ovseg_badcams", namespace="badcams", params={"cameras": ["front", "front"]})
+    assert wait_until(lambda: not proc.alive(), 60)
+    assert proc.stop() == 1
+    assert "configure failed: camera names must be unique; repeated: front" in proc.output()

@@ -6,11 +6,16 @@ methods change only the last block at inference time:
 - ``plain``: the unchanged block (patch tokens through ln_post and the projection).
 - ``maskclip``: value path only (MaskCLIP): each patch keeps its own value, no attention mixing.
 - ``clearclip``: query-query attention, no residual and no feed-forward (ClearCLIP).
-- ``sclip``: correlative self-attention, softmax(qq^T) + softmax(kk^T) (SCLIP).
-- ``naclip``: key-key attention plus a Gaussian neighbourhood prior, no feed-forward (NACLIP).
+- ``sclip``: correlative self-attention, softmax(qq^T) + softmax(kk^T), inside the block's residual and
+  feed-forward (SCLIP's released code keeps both).
+- ``naclip``: key-key attention whose logits get the value of a Gaussian kernel over patch distance added
+  (exp(-d^2 / 2 sigma^2), at most +1; nothing for the class token), no residual, no feed-forward (NACLIP).
 
+Every variant resizes the position table as the papers' code does: bicubic with a scale factor of
+(n + 0.1) / native per axis (n = the target grid side), which is not the same as resizing to an exact size.
 The class token always goes through the unchanged block, so the image-level embedding equals CLIP's own.
-Official weights and the project's demo weights go through exactly this code.
+Official weights and the project's demo weights go through exactly this code; tests/unit/test_dense_exactness.py
+compares every variant with an independent implementation of its paper's equations at several input sizes.
 """
 
 from __future__ import annotations
@@ -35,31 +40,41 @@ _RECIPES = {
     "plain": _LastBlockRecipe("standard", residual=True, feed_forward=True),
     "maskclip": _LastBlockRecipe("value", residual=False, feed_forward=False),
     "clearclip": _LastBlockRecipe("qq", residual=False, feed_forward=False),
-    "sclip": _LastBlockRecipe("qq+kk", residual=False, feed_forward=False),
+    "sclip": _LastBlockRecipe("qq+kk", residual=True, feed_forward=True),
     "naclip": _LastBlockRecipe("kk+gauss", residual=False, feed_forward=False),
 }
 
 
 def interpolate_positional_embedding(pos: torch.Tensor, native_grid: tuple[int, int],
                                      grid: tuple[int, int]) -> torch.Tensor:
-    """Resize a (1 + h*w, C) learnable position table to another patch grid (bicubic on the patch part)."""
+    """Resize a (1 + h*w, C) learnable position table to another patch grid (bicubic on the patch part).
+
+    As MaskCLIP/SCLIP/ClearCLIP/NACLIP do (after DINO): the scale factor per axis is (n + 0.1) / native and is
+    used as given for the sampling positions, so the result differs slightly from a resize to exactly n.
+    """
     if tuple(grid) == tuple(native_grid):
         return pos
     cls_pos, patch_pos = pos[:1], pos[1:]
     channels = patch_pos.shape[-1]
     patch_pos = patch_pos.reshape(1, native_grid[0], native_grid[1], channels).permute(0, 3, 1, 2)
-    patch_pos = F.interpolate(patch_pos.float(), size=grid, mode="bicubic", align_corners=False)
+    scale = ((grid[0] + 0.1) / native_grid[0], (grid[1] + 0.1) / native_grid[1])
+    patch_pos = F.interpolate(patch_pos.float(), scale_factor=scale, mode="bicubic", align_corners=False)
+    if tuple(patch_pos.shape[-2:]) != tuple(grid):  # pragma: no cover - (n + 0.1) / N * N floors to n
+        raise ValueError(f"position table resized to {tuple(patch_pos.shape[-2:])}, expected {tuple(grid)}")
     patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(grid[0] * grid[1], channels)
     return torch.cat([cls_pos, patch_pos], dim=0)
 
 
-def _gaussian_neighbourhood(grid: tuple[int, int], sigma: float, device: torch.device) -> torch.Tensor:
-    """(N, N) log-domain prior that favours nearby patches (NACLIP's neighbourhood attention)."""
+def gaussian_neighbourhood(grid: tuple[int, int], sigma: float, device: torch.device) -> torch.Tensor:
+    """(1 + N, 1 + N) additive attention bias of NACLIP: exp(-d^2 / (2 sigma^2)) between patches at grid
+    distance d, 0 in the class token's row and column. Added to the logits as a value, not as a log-prior."""
     ys, xs = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device),
                             indexing="ij")
     coords = torch.stack([ys.flatten(), xs.flatten()], dim=1).float()
-    dist2 = torch.cdist(coords, coords).pow(2)
-    return -dist2 / (2.0 * sigma * sigma)
+    dist2 = (coords[:, None, :] - coords[None, :, :]).pow(2).sum(-1)
+    bias = torch.zeros(coords.shape[0] + 1, coords.shape[0] + 1, device=device)
+    bias[1:, 1:] = torch.exp(-dist2 / (2.0 * sigma * sigma))
+    return bias
 
 
 class ClipDenseEncoder:
@@ -179,9 +194,8 @@ def _modified_last_block(block: torch.nn.Module, x: torch.Tensor, recipe: _LastB
         out = weights @ v
     elif recipe.attention == "kk+gauss":
         logits = k @ k.transpose(-2, -1) * scale
-        prior = torch.zeros(tokens, tokens, device=x.device, dtype=logits.dtype)
-        prior[1:, 1:] = _gaussian_neighbourhood(grid, sigma, x.device).to(logits.dtype)
-        out = torch.softmax(logits + prior, dim=-1) @ v
+        bias = gaussian_neighbourhood(grid, sigma, x.device).to(logits.dtype)
+        out = torch.softmax(logits + bias, dim=-1) @ v
     else:  # pragma: no cover - guarded by DENSE_VARIANTS
         raise ValueError(recipe.attention)
     out = out.transpose(1, 2).reshape(batch, tokens, channels)

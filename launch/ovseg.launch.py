@@ -1,6 +1,6 @@
 """Launch ovseg_node for one camera, or for several cameras served by one node and one model.
 
-    ros2 launch ovseg_ros ovseg.launch.py camera:=/camera/image_raw [namespace:=front] \
+    ros2 launch ovseg_ros ovseg.launch.py camera:=/camera/image_raw [namespace:=front] [preset:=naclip-vit-b16] \
         [params_file:=/path/to/ovseg.yaml] [log_level:=info] [autostart:=true] [use_fastdds_profile:=true]
 
     ros2 launch ovseg_ros ovseg.launch.py cameras:=front,rear \
@@ -42,6 +42,8 @@ def ovseg_node(context, *args, **kwargs) -> list:
     config = context.launch_configurations
     names, remappings = camera_remappings(config["cameras"], config["camera"])
     overrides = {"autostart": LaunchConfiguration("autostart")}
+    if config["preset"]:  # over the params file's preset; parameters the file sets still win over the preset
+        overrides["preset"] = config["preset"]
     if names:
         overrides["cameras"] = names
     return [Node(
@@ -67,6 +69,9 @@ def generate_launch_description() -> LaunchDescription:
                               description="comma-separated camera names served by one node (outputs under "
                                           "<namespace>/<name>/); empty = one camera"),
         DeclareLaunchArgument("namespace", default_value="", description="namespace of the node and its outputs"),
+        DeclareLaunchArgument("preset", default_value="",
+                              description="model + inference settings of a paper (naclip-vit-b16, sclip-vit-b16, "
+                                          "clearclip-vit-b16, demo); empty = the params file's"),
         DeclareLaunchArgument("params_file", default_value=os.path.join(share, "config", "ovseg.yaml"),
                               description="ROS 2 parameters file for ovseg_node"),
         DeclareLaunchArgument("log_level", default_value="info", description="debug, info, warn, error"),

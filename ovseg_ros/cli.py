@@ -82,20 +82,19 @@ def segment_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .bench.accuracy import make_segmenter
-    from .core.dense import DenseConfig
     from .core.overlay import blend
     from .core.vocabulary import VocabularyError, make_vocabulary
+    from .parameters import dense_config
 
+    values = settings_from_args(args)
     try:
         vocabulary = make_vocabulary([v for v in args.vocab.split(",") if v.strip()],
-                                     args.template or None)
+                                     args.template or list(values["prompt_templates"]))
     except VocabularyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    config = DenseConfig(variant=args.variant, input_size=args.input_size, score_threshold=args.threshold,
-                         selection_threshold=args.selection, tag_validation_top_k=args.tag_validation,
-                         refinement=args.refinement, window_stride=args.window_stride)
-    segmenter = make_segmenter(args.clip, config, device=args.device)
+    config = dense_config(values)
+    segmenter = make_segmenter(values["clip_model"], config, device=args.device)
     prepared = segmenter.prepare(vocabulary)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,11 +117,51 @@ def segment_command(args: argparse.Namespace) -> int:
             "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
         })
     progress.close()
-    summary = {"model": segmenter.encoder.model_id, "vocabulary": list(vocabulary.labels),
+    summary = {"model": segmenter.encoder.model_id, "preset": args.preset, "vocabulary": list(vocabulary.labels),
                "templates": list(vocabulary.templates), "config": config.__dict__, "frames": frames}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"{len(frames)} frames -> {out}/ (labels PNG, overlay PNG, summary.json)")
     return 0
+
+
+# Older, shorter option names of some node parameters (kept: scripts use them).
+OPTION_ALIASES = {"clip_model": "--clip", "dense_variant": "--variant", "score_threshold": "--threshold",
+                  "selection_threshold": "--selection", "tag_validation_top_k": "--tag-validation"}
+
+
+def add_setting_options(parser: argparse.ArgumentParser) -> None:
+    """--preset and one option per dense node parameter (same names, help and choices as the node's table);
+    an option left out takes the preset's value, exactly as a node parameter left out does."""
+    from .core.presets import DEFAULT_PRESET, PRESETS
+    from .parameters import DENSE_PARAMETERS, SPEC_BY_NAME
+
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                        help="model + the inference settings of its paper; the options below override it")
+    for name in ["clip_model", *sorted(DENSE_PARAMETERS - {"precision"})]:
+        spec = SPEC_BY_NAME[name]
+        flags = [f"--{name.replace('_', '-')}"] + ([OPTION_ALIASES[name]] if name in OPTION_ALIASES else [])
+        if isinstance(spec.default, list):
+            kind = _int_list
+        else:
+            kind = type(spec.default)
+        parser.add_argument(*flags, dest=name, type=kind, default=None, help=spec.description,
+                            choices=[c for c in spec.choices if c != "sam"] or None)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """The preset's parameter values with every option the user gave put over them."""
+    from .parameters import preset_defaults
+
+    values = preset_defaults(args.preset)
+    values.update({name: getattr(args, name) for name in values if getattr(args, name, None) is not None})
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,17 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     seg = sub.add_parser("segment", help="segment images, folders of images, or videos")
     seg.add_argument("inputs", nargs="+")
     seg.add_argument("--vocab", required=True, help="comma-separated class names (';' separates synonyms)")
-    seg.add_argument("--template", action="append", help="prompt template with {} (repeatable)")
+    seg.add_argument("--template", action="append",
+                     help="prompt template with {} or a template set name, e.g. imagenet80 (repeatable)")
     seg.add_argument("--out", required=True)
-    seg.add_argument("--clip", default="ovseg-demo-clip")
     seg.add_argument("--device", default="cpu")
-    seg.add_argument("--variant", default="plain")
-    seg.add_argument("--input-size", type=int, default=0)
-    seg.add_argument("--window-stride", type=int, default=0)
-    seg.add_argument("--threshold", type=float, default=0.0)
-    seg.add_argument("--selection", type=float, default=0.0, help="category selection tau; 0 disables")
-    seg.add_argument("--tag-validation", type=int, default=0, help="top-k of tag validation; 0 disables")
-    seg.add_argument("--refinement", default="none", choices=["none", "guided"])
+    add_setting_options(seg)
     seg.add_argument("--video-stride", type=int, default=1)
     seg.add_argument("--batch", type=int, default=1, help="frames per image-tower pass (1-8)")
     seg.add_argument("--quiet", action="store_true")

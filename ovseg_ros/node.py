@@ -69,7 +69,13 @@ from .image_conversions import (  # noqa: E402
     mono16_to_image,
     rgb_to_image,
 )
-from .parameters import SPEC_BY_NAME, SPECS  # noqa: E402
+from .parameters import (  # noqa: E402
+    DENSE_PARAMETERS,
+    SPEC_BY_NAME,
+    SPECS,
+    dense_config,
+    preset_defaults,
+)
 from .prompt_requests import prompts_from_request  # noqa: E402
 
 
@@ -83,8 +89,14 @@ class OvsegNode(LifecycleNode):
 
     def __init__(self, **kwargs) -> None:
         super().__init__("ovseg", **kwargs)
+        # The preset first: it sets the other parameters' defaults, which values given explicitly override.
+        preset_spec = SPEC_BY_NAME["preset"]
+        self.preset = self.declare_parameter(preset_spec.name, preset_spec.default, preset_spec.descriptor()).value
+        self.preset_error = preset_spec.check(self.preset)
+        defaults = preset_defaults(preset_spec.default if self.preset_error else self.preset)
         for spec in SPECS:
-            self.declare_parameter(spec.name, spec.default, spec.descriptor())
+            if spec.name != "preset":
+                self.declare_parameter(spec.name, defaults[spec.name], spec.descriptor())
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.cameras: list[Camera] = []
         self.limits = VocabularyLimits(max_classes=self.get_parameter("max_classes").value,
@@ -103,7 +115,10 @@ class OvsegNode(LifecycleNode):
         self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0, self._publish_diagnostics)
         self.configure_failed = False
-        if self.get_parameter("autostart").value:
+        if self.preset_error:
+            self.get_logger().fatal(f"configure failed: {self.preset_error}")
+            self.configure_failed = True
+        elif self.get_parameter("autostart").value:
             if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
                 self.configure_failed = True
             else:
@@ -111,6 +126,9 @@ class OvsegNode(LifecycleNode):
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.preset_error:
+            self.get_logger().fatal(f"configure failed: {self.preset_error}")
+            return TransitionCallbackReturn.FAILURE
         try:
             self.cameras = [Camera(name) for name in parse_camera_names(self.get_parameter("cameras").value)]
             self.segmenter = self._load_segmenter()
@@ -135,9 +153,10 @@ class OvsegNode(LifecycleNode):
         self._worker.start()
         self.get_logger().info(
             f"configured: model {self.segmenter.encoder.model_id} on {self.segmenter.encoder.device}, "
-            f"{len(vocabulary)} classes (vocabulary v{vocabulary.version}), variant {self.segmenter.config.variant}, "
-            f"prompts {'on' if self.prompter else 'off'}, cameras: "
+            f"{len(vocabulary)} classes (vocabulary v{vocabulary.version}, {len(vocabulary.templates)} templates), "
+            f"variant {self.segmenter.config.variant}, prompts {'on' if self.prompter else 'off'}, cameras: "
             f"{', '.join(c.name for c in self.cameras) if self.cameras[0].name else 'one (image)'}")
+        self.get_logger().info(f"preset {self.preset}: {self.effective_settings()}")
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -231,16 +250,20 @@ class OvsegNode(LifecycleNode):
         return segmenter
 
     def _dense_config(self, changes: dict) -> DenseConfig:
-        def value(name: str):
-            return changes[name] if name in changes else self.get_parameter(name).value
+        return dense_config({name: changes[name] if name in changes else self.get_parameter(name).value
+                             for name in DENSE_PARAMETERS})
 
-        return DenseConfig(variant=value("dense_variant"), input_size=value("input_size"),
-                           score_threshold=value("score_threshold"), window_stride=value("window_stride"),
-                           selection_threshold=value("selection_threshold"),
-                           selection_patch_top_k=value("selection_patch_top_k"),
-                           selection_suppression=value("selection_suppression"),
-                           tag_validation_top_k=value("tag_validation_top_k"), refinement=value("refinement"),
-                           precision=value("precision"))
+    def effective_settings(self) -> str:
+        """The dense settings in force, each marked with '*' where it differs from the preset's value."""
+        if self.preset_error:
+            return ""
+        preset = preset_defaults(self.preset)
+        parts = []
+        for name in ["clip_model", *sorted(DENSE_PARAMETERS)]:
+            value = self.get_parameter(name).value
+            value = list(value) if isinstance(value, (list, tuple)) or hasattr(value, "tolist") else value
+            parts.append(f"{name}={value}{'' if value == preset[name] else '*'}")
+        return " ".join(parts) + " (* = set explicitly, not the preset's)"
 
     def _load_prompter(self) -> PromptSegmenter | None:
         name = self.get_parameter("sam_model").value
@@ -379,9 +402,7 @@ class OvsegNode(LifecycleNode):
             if reason:
                 return SetParametersResult(successful=False, reason=reason)
             changes[param.name] = param.value
-        dense_keys = {"dense_variant", "input_size", "score_threshold", "window_stride", "selection_threshold",
-                      "selection_patch_top_k", "selection_suppression", "tag_validation_top_k", "refinement"}
-        if self.segmenter is not None and dense_keys & set(changes):
+        if self.segmenter is not None and DENSE_PARAMETERS & set(changes):
             try:
                 config = self._dense_config(changes)
             except ValueError as exc:
@@ -609,7 +630,8 @@ class OvsegNode(LifecycleNode):
         if runner is not None:
             chosen = getattr(runner, "chosen", None)  # auto: the backend it measured fastest
             backend = f"auto -> {chosen.name}" if chosen is not None else runner.name
-        extra = {"lifecycle_state": state, "backend": backend, "precision": self.get_parameter("precision").value}
+        extra = {"lifecycle_state": state, "backend": backend, "precision": self.get_parameter("precision").value,
+                 "preset": self.preset, "settings": self.effective_settings()}
         if prepared is not None and segmenter is not None:
             extra.update(vocabulary_version=str(prepared.version), classes=str(len(prepared.vocabulary)),
                          device=str(segmenter.encoder.device), model=segmenter.encoder.model_id)

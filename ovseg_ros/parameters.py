@@ -1,17 +1,17 @@
 """Every ovseg_node parameter in one table: default, description, range or choices, and whether it needs a reload.
 
-Declared with descriptors (so `ros2 param describe` explains them and rclpy enforces the ranges) and checked again
-in the set-parameters callback, which refuses bad values with a reason.
+ROS-free: the `ovseg` CLI and the benchmarks take their options and presets from it too. The node declares them
+with descriptors (so `ros2 param describe` explains them and rclpy enforces the ranges) and checks them again in
+the set-parameters callback, which refuses bad values with a reason.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-
 from .core.clip_dense import DENSE_VARIANTS
-from .core.dense import REFINEMENTS
+from .core.dense import REFINEMENTS, SYNONYM_MERGES, DenseConfig
+from .core.presets import DEFAULT_PRESET, PRESETS, get_preset
 from .core.vocabulary import DEFAULT_TEMPLATES
 
 DEFAULT_VOCABULARY = ("grass", "water", "sky", "wall", "sand", "red circle", "blue square", "yellow triangle")
@@ -27,8 +27,12 @@ class ParamSpec:
     high: float | None = None
     choices: tuple[str, ...] = ()
     dynamic_typing: bool = False  # accepts more than one type (e.g. a string or a string array)
+    dense_field: str | None = None  # the DenseConfig field this parameter sets
 
-    def descriptor(self) -> ParameterDescriptor:
+    def descriptor(self):
+        """rcl_interfaces ParameterDescriptor (imported here: the table itself is ROS-free for the CLI and benches)."""
+        from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+
         text = self.description + (f" (one of: {', '.join(self.choices)})" if self.choices else "")
         descriptor = ParameterDescriptor(description=text, read_only=self.read_only,
                                          dynamic_typing=self.dynamic_typing)
@@ -50,6 +54,9 @@ class ParamSpec:
 
 
 SPECS: tuple[ParamSpec, ...] = (
+    ParamSpec("preset", DEFAULT_PRESET, "a model and the inference settings of its paper (README, Presets); "
+              "sets the defaults of the parameters it names, explicitly set parameters win", read_only=True,
+              choices=tuple(PRESETS)),
     ParamSpec("autostart", True, "configure and activate at start-up; false = wait for lifecycle transitions",
               read_only=True),
     ParamSpec("clip_model", "ovseg-demo-clip",
@@ -59,31 +66,43 @@ SPECS: tuple[ParamSpec, ...] = (
               "SAM for prompts: a manifest name or ARCH:/path (demo, vit_b, vit_l, vit_h, vit_t); empty disables",
               read_only=True),
     ParamSpec("device", "cpu", "torch device: cpu, cuda, cuda:N", read_only=True),
-    ParamSpec("precision", "fp32", "model precision", read_only=True, choices=("fp32", "bf16", "fp16")),
+    ParamSpec("precision", "fp32", "model precision", read_only=True, choices=("fp32", "bf16", "fp16"),
+              dense_field="precision"),
     ParamSpec("backend", "torch", "inference backend of the image tower (auto: time the available ones on the "
               "first frame and keep the fastest)", read_only=True,
               choices=("auto", "torch", "torch-compile", "onnxruntime", "tensorrt")),
     ParamSpec("engine_cache_dir", "", "directory for compiled engines/exports; empty = ~/.cache/ovseg_ros/engines",
               read_only=True),
-    ParamSpec("dense_variant", "plain", "last-block variant of the dense CLIP pass", choices=DENSE_VARIANTS),
-    ParamSpec("input_size", 0, "short side fed to the image tower in pixels; 0 = the model's native size",
-              low=0, high=2048),
-    ParamSpec("window_stride", 0, "sliding-window stride in model pixels for inputs above the native size; 0 = off",
-              low=0, high=2048),
+    ParamSpec("dense_variant", "plain", "last-block variant of the dense CLIP pass", choices=DENSE_VARIANTS,
+              dense_field="variant"),
+    ParamSpec("input_size", 0, "short side the image is resized to, in pixels; 0 = the model's native size",
+              low=0, high=2048, dense_field="input_size"),
+    ParamSpec("window_stride", 0, "sliding windows: stride in resized-image pixels; each window's per-pixel logits "
+              "are averaged; 0 = the whole image in one pass", low=0, high=2048, dense_field="window_stride"),
+    ParamSpec("window_size", 0, "sliding windows: side in pixels (a multiple of the patch); 0 = the model's "
+              "native size", low=0, high=2048, dense_field="window_size"),
+    ParamSpec("logit_scale", 0.0, "temperature of the per-pixel softmax over classes; 0 = CLIP's own (max 100)",
+              low=0.0, high=1000.0, dense_field="logit_scale"),
+    ParamSpec("pamr_steps", 0, "PAMR (pixel-adaptive mask refinement) iterations at full resolution; 0 = off",
+              low=0, high=50, dense_field="pamr_steps"),
+    ParamSpec("pamr_dilations", [8, 16], "PAMR neighbourhood dilations in pixels", dense_field="pamr_dilations"),
+    ParamSpec("synonym_merge", "max", "synonyms (';') as separate queries whose best wins (max), or one averaged "
+              "query per class (mean)", read_only=True, choices=SYNONYM_MERGES, dense_field="synonym_merge"),
     ParamSpec("score_threshold", 0.0, "pixels whose class probability is below this are unlabelled (65535)",
-              low=0.0, high=1.0),
+              low=0.0, high=1.0, dense_field="score_threshold"),
     ParamSpec("selection_threshold", 0.3, "dynamic category selection tau (relative to the best class); 0 = off",
-              low=0.0, high=1.0),
+              low=0.0, high=1.0, dense_field="selection_threshold"),
     ParamSpec("selection_patch_top_k", 6, "category selection: classes in any patch's top-k are kept", low=1,
-              high=100),
+              high=100, dense_field="selection_patch_top_k"),
     ParamSpec("selection_suppression", 0.0, "category selection: weight of the image-level score in the patch "
-              "ranking (DCP-CLIP's suppression)", low=0.0, high=10.0),
+              "ranking (DCP-CLIP's suppression)", low=0.0, high=10.0, dense_field="selection_suppression"),
     ParamSpec("tag_validation_top_k", 0, "tag validation: relabel a region whose label is not in its pooled top-k; "
-              "0 = off", low=0, high=100),
-    ParamSpec("refinement", "none", "edge-aware refinement of the class maps", choices=REFINEMENTS),
+              "0 = off", low=0, high=100, dense_field="tag_validation_top_k"),
+    ParamSpec("refinement", "none", "edge-aware refinement of the class maps", choices=REFINEMENTS,
+              dense_field="refinement"),
     ParamSpec("vocabulary", list(DEFAULT_VOCABULARY), "initial class names (';' separates synonyms)", read_only=True),
-    ParamSpec("prompt_templates", list(DEFAULT_TEMPLATES), "initial prompt templates, each with one '{}'",
-              read_only=True),
+    ParamSpec("prompt_templates", list(DEFAULT_TEMPLATES), "initial prompt templates, each with one '{}', or the "
+              "name of a template set (imagenet80: CLIP's 80 ImageNet templates)", read_only=True),
     ParamSpec("vocabulary_file", "", "JSON file the vocabulary is saved to on every change and restored from at "
               "start; empty = no persistence", read_only=True),
     ParamSpec("max_classes", 1000, "largest vocabulary accepted", read_only=True, low=1, high=100000),
@@ -125,3 +144,22 @@ SPECS: tuple[ParamSpec, ...] = (
               read_only=True),
 )
 SPEC_BY_NAME = {spec.name: spec for spec in SPECS}
+DENSE_PARAMETERS = frozenset(spec.name for spec in SPECS if spec.dense_field)
+
+
+def preset_defaults(preset: str) -> dict[str, object]:
+    """Every parameter's default under a preset: the preset's value where it names one, else the table's."""
+    settings = get_preset(preset).settings
+    unknown = set(settings) - set(SPEC_BY_NAME)
+    if unknown:  # pragma: no cover - guarded by tests/unit/test_presets.py
+        raise ValueError(f"preset {preset} names unknown parameters: {', '.join(sorted(unknown))}")
+    return {spec.name: settings.get(spec.name, spec.default) for spec in SPECS}
+
+
+def dense_config(values: dict[str, object]) -> DenseConfig:
+    """The DenseConfig that parameter values describe (ValueError with the reason if they do not fit)."""
+    fields = {}
+    for name in DENSE_PARAMETERS:
+        value = values[name]
+        fields[SPEC_BY_NAME[name].dense_field] = tuple(int(v) for v in value) if name == "pamr_dilations" else value
+    return DenseConfig(**fields)

@@ -103,8 +103,9 @@ def test_launch_file_declares_what_the_readme_says():
     description = load_launch_description()
     entities = description.args[0]
     declared = {e.args[0]: e.kwargs["default_value"] for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
-    assert set(declared) == {"camera", "cameras", "namespace", "params_file", "log_level", "autostart",
+    assert set(declared) == {"camera", "cameras", "namespace", "preset", "params_file", "log_level", "autostart",
                              "use_fastdds_profile"}
+    assert declared["preset"] == ""  # the params file's preset unless the argument names one
     assert declared["camera"] == "/camera/image_raw" and declared["cameras"] == ""
     assert Path(declared["params_file"]).is_file()
     env = {e.args[0]: e.args[1] for e in entities if type(e).__name__ == "SetEnvironmentVariable"}
@@ -123,8 +124,14 @@ def test_launch_file_declares_what_the_readme_says():
         raise AssertionError("accepted a repeated camera name")
     except CameraNameError as exc:
         assert "unique" in str(exc)
+    assert "preset" not in node.kwargs["parameters"][1]
+    with_preset = declared_node(entities, {**declared, "preset": "clearclip-vit-b16"})
+    assert with_preset.kwargs["parameters"][1]["preset"] == "clearclip-vit-b16"
     params = yaml.safe_load(Path(declared["params_file"]).read_text())["/**"]["ros__parameters"]
-    assert params["image_qos"] == "sensor_data" and params["clip_model"] == "ovseg-demo-clip"
+    # A robot gets the best official preset and an everyday vocabulary, not the synthetic world's demo.
+    assert params["image_qos"] == "sensor_data" and params["preset"] == "naclip-vit-b16"
+    assert "clip_model" not in params and "dense_variant" not in params  # the preset decides; overrides optional
+    assert "person" in params["vocabulary"] and "red circle" not in params["vocabulary"]
 
 
 def launched_graph(tmp_path: Path, overrides: dict[str, str], namespace: str) -> tuple[dict, dict, dict]:
@@ -136,7 +143,8 @@ def launched_graph(tmp_path: Path, overrides: dict[str, str], namespace: str) ->
     entities = load_launch_description().args[0]
     declared = {e.args[0]: e.kwargs["default_value"] for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
     params = yaml.safe_load(Path(declared["params_file"]).read_text())
-    params["/**"]["ros__parameters"].update(clip_model="ovseg-demo-vit", sam_model="")
+    params["/**"]["ros__parameters"].update(clip_model="ovseg-demo-vit", sam_model="", device="cpu", precision="fp32",
+                                            backend="torch")
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     arguments = {**declared, "params_file": str(params_file), "namespace": namespace, **overrides}
@@ -185,6 +193,24 @@ def test_the_multi_camera_launch_serves_every_camera_from_one_node(tmp_path, ros
         assert pubs[f"/robot/{camera}/segmentation"] == ["ovseg_interfaces/msg/Segmentation"]
     assert pubs["/robot/label_info"] == ["ovseg_interfaces/msg/LabelInfo"]
     assert "/robot/labels" not in pubs  # no unnamed camera beside the named ones
+
+
+def test_the_robot_config_without_official_weights_refuses_with_the_fetch_command(tmp_path):
+    """The shipped config as a robot user starts it before fetching: one FATAL line naming the model, where it
+    looked and the command that fetches it; exit code 1, nothing left running."""
+    entities = load_launch_description().args[0]
+    declared = {e.args[0]: e.kwargs["default_value"] for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
+    arguments = {**declared, "namespace": "robot_fresh"}
+    env = dict(os.environ, OVSEG_MODELS_DIR=str(tmp_path / "empty_models"))
+    env.update({e.args[0]: e.args[1] for e in entities if type(e).__name__ == "SetEnvironmentVariable"})
+    proc = Process(command_line(declared_node(entities, arguments), arguments), env, tmp_path / "fresh.log")
+    assert wait_until(lambda: not proc.alive(), 60), proc.output()
+    assert proc.stop() == 1
+    fatal = [line for line in proc.output().splitlines() if "FATAL" in line]
+    assert len(fatal) == 1, proc.output()
+    for words in ("clip-vit-b16-openai", str(tmp_path / "empty_models"), "ovseg-models fetch clip-vit-b16-openai"):
+        assert words in fatal[0], fatal[0]
+    assert "Traceback" not in proc.output()
 
 
 def test_rviz_config_shows_topics_the_node_publishes():

@@ -2,6 +2,10 @@
 
     ovseg-bench speed [--clip ViT-B-16] [--sizes 20,150,847] [--runs 5] [--backend all] [--precision fp32,fp16]
                       [--device cuda] [--cameras 2] [--json out.json]
+    ovseg-bench speed --preset naclip-vit-b16,sclip-vit-b16,clearclip-vit-b16 --sizes 150 --clip ViT-B-16
+
+With --preset, each preset's inference settings (windows, PAMR, logit scale, ...) run on --clip's weights, and
+the table splits the time after the tower (window merge + upsampling, PAMR, classification) from the tower's.
 
 Random weights are fine for speed (the work does not depend on the values), except that category selection keeps
 a weight-dependent number of classes: the table prints how many it kept. Also prints the machine's measured
@@ -11,6 +15,8 @@ float32 matmul throughput and the dense pass's FLOP count, so the distance to th
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -25,6 +31,7 @@ from ..core.dense import DenseConfig, DenseSegmenter
 from ..core.registry import load_clip
 from ..core.text_cache import TextEmbeddingCache
 from ..core.vocabulary import Vocabulary
+from ..parameters import dense_config, preset_defaults
 from ..runtime import share_file
 from ..synth.world import generate_scene, world_vocabulary
 
@@ -92,6 +99,10 @@ def time_segment(segmenter: DenseSegmenter, image: np.ndarray, prepared, runs: i
             stages.setdefault(name, []).append(value)
     row = {name: round(float(np.median(values)), 1) for name, values in stages.items()}
     row["total_ms"] = round(float(np.median(totals)), 1)
+    # Everything after the tower (selection, window merge, upsampling, PAMR, argmax, statistics), per frame.
+    after = [t - stages["preprocess"][i] - stages["image_encoder"][i] for i, t in enumerate(totals)]
+    row["after_tower_ms"] = round(float(np.median(after)), 1)
+    row["after_tower_fraction"] = round(row["after_tower_ms"] / max(row["image_encoder"], 1e-6), 3)
     row["fps"] = round(1000.0 / row["total_ms"], 2)
     row["classes_kept"] = int(np.median(kept))
     return row
@@ -146,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated backends, or 'all' (those that can run here)")
     parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, fp16")
     parser.add_argument("--modes", default="full,dcs", help="full (every class) and/or dcs (category selection)")
+    parser.add_argument("--preset", default="", help="comma-separated presets whose inference settings to time "
+                        "(their own model is replaced by --clip); empty = plain whole-image settings")
     parser.add_argument("--depth", action="store_true", help="also time the 3D outputs (cloud, markers)")
     parser.add_argument("--cameras", type=int, default=1,
                         help="N > 1: also time N cameras' frames segmented one by one vs in one batch")
@@ -163,13 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     flops = dense_pass_flops(DenseSegmenter(encoder, cache, base), image)
     rows = []
     backends = list(BACKENDS) if args.backend == "all" else args.backend.split(",")
-    for backend in backends:
+    settings = {name: dense_config(preset_defaults(name)) for name in args.preset.split(",") if name} or {"": base}
+    for (preset, preset_config), backend in itertools.product(settings.items(), backends):
         for precision in args.precision.split(","):
             for count in [int(v) for v in args.sizes.split(",")]:
                 vocabulary = Vocabulary(tuple(load_names(count)), templates=("a photo of a {}.",))
                 for mode in args.modes.split(","):
-                    config = DenseConfig(input_size=args.input_size, precision=precision,
-                                         selection_threshold=args.selection if mode == "dcs" else 0.0)
+                    config = dataclasses.replace(preset_config, precision=precision,
+                                                 selection_threshold=args.selection if mode == "dcs" else 0.0)
                     segmenter = DenseSegmenter(encoder, cache, config, backend=backend)
                     try:
                         segmenter.runner()
@@ -181,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
                     except Exception as exc:  # one failing backend must not hide the others' figures
                         print(f"[speed] backend {backend} {precision} failed: {exc!r}")
                         break
-                    rows.append({"backend": backend, "precision": precision, "classes": count, "mode": mode,
-                                 **timed})
+                    rows.append({"preset": preset, "backend": backend, "precision": precision, "classes": count,
+                                 "mode": mode, "windows": len(segmenter.windows(segmenter.model_input_shape(
+                                     args.height, args.width))), **timed})
     reference = [r for r in rows if r["backend"] == backends[0] and r["precision"] == "fp32"] or rows
     encoder_ms = float(np.median([r["image_encoder"] for r in reference]))
     achieved = flops / (encoder_ms / 1000) / 1e9
@@ -196,18 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {encoder.model_id}, {report['image']} -> model input {report['model_input']}; dense pass "
           f"{report['dense_pass_gflop']} GFLOP at {achieved:.1f} GFLOP/s "
           f"({report['fraction_of_matmul_bound']:.0%} of the matmul bound)")
-    stages = ["preprocess", "image_encoder", "category_selection", "classify_upsample", "postprocess"]
-    print(f"{'backend':>13} {'prec':>4} {'classes':>7} {'mode':>4} {'kept':>5} "
-          + " ".join(f"{s[:14]:>14}" for s in stages) + f" {'total_ms':>9} {'fps':>6}")
+    stages = ["preprocess", "image_encoder", "category_selection", "merge_upsample", "pamr", "classify",
+              "postprocess"]
+    print(f"{'preset':>17} {'backend':>13} {'prec':>4} {'classes':>7} {'mode':>4} {'kept':>5} {'win':>3} "
+          + " ".join(f"{s[:14]:>14}" for s in stages) + f" {'total_ms':>9} {'after/tower':>11} {'fps':>6}")
     for row in rows:
-        print(f"{row['backend']:>13} {row['precision']:>4} {row['classes']:>7} {row['mode']:>4} "
-              f"{row['classes_kept']:>5} " + " ".join(f"{row.get(s, 0.0):>14.1f}" for s in stages)
-              + f" {row['total_ms']:>9.1f} {row['fps']:>6.2f}")
+        print(f"{row['preset'] or '-':>17} {row['backend']:>13} {row['precision']:>4} {row['classes']:>7} "
+              f"{row['mode']:>4} {row['classes_kept']:>5} {row['windows']:>3} "
+              + " ".join(f"{row.get(s, 0.0):>14.1f}" for s in stages)
+              + f" {row['total_ms']:>9.1f} {row['after_tower_fraction']:>11.2f} {row['fps']:>6.2f}")
     for row in rows:
         if row["mode"] != "dcs":
             continue
         full = next((r for r in rows if r["mode"] == "full" and all(r[k] == row[k] for k in
-                                                                    ("backend", "precision", "classes"))), None)
+                                                                    ("preset", "backend", "precision", "classes"))),
+                    None)
         if full:
             print(f"{row['backend']} {row['precision']} {row['classes']} classes: DCS "
                   f"{full['total_ms'] / row['total_ms']:.2f}x faster than the full vocabulary")

@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from .clip_dense import DENSE_VARIANTS, ClipDenseEncoder
+from .pamr import DEFAULT_DILATIONS, PamrAffinity
 from .text_cache import TextEmbeddingCache
 from .vocabulary import UNLABELLED, Vocabulary
 
 REFINEMENTS = ("none", "guided", "sam")  # "sam" is applied by the caller that owns SAM (PromptSegmenter)
 PRECISIONS = ("fp32", "bf16", "fp16")
+SYNONYM_MERGES = ("max", "mean")  # synonyms as separate queries (class probability = max), or one averaged query
 
 
 @dataclass(frozen=True)
@@ -26,10 +28,17 @@ class DenseConfig:
     """How the dense pass runs; every field is a node parameter."""
 
     variant: str = "plain"
-    input_size: int = 0  # short side fed to the image tower; 0 = the tower's native size
+    input_size: int = 0  # short side the image is resized to; 0 = the tower's native size
     score_threshold: float = 0.0  # pixels whose winning class probability is below this are UNLABELLED
     class_chunk: int = 64  # classes upsampled at once; bounds memory for large vocabularies
-    window_stride: int = 0  # >0: slide native-size windows with this stride (model pixels) over larger inputs
+    # Sliding windows as the training-free papers run them: window_size crops (0 = the tower's native size) every
+    # window_stride pixels of the resized image; each window's per-pixel logits are averaged. 0 = whole image.
+    window_stride: int = 0
+    window_size: int = 0
+    logit_scale: float = 0.0  # softmax temperature of the per-pixel class scores; 0 = CLIP's own (capped at 100)
+    pamr_steps: int = 0  # PAMR iterations on the full-resolution scores; 0 = off
+    pamr_dilations: tuple[int, ...] = DEFAULT_DILATIONS
+    synonym_merge: str = "max"  # "max": each synonym its own query; "mean": one averaged query per class
     selection_threshold: float = 0.0  # DCS tau, relative to the best class; 0 disables category selection
     selection_patch_top_k: int = 6  # DCS patch level: classes in any patch's top-k join the candidates
     selection_min_classes: int = 1  # DCS never keeps fewer than this (best image-level scores)
@@ -57,18 +66,61 @@ class DenseConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.refinement not in REFINEMENTS:
             raise ValueError(f"refinement must be one of {', '.join(REFINEMENTS)}, got {self.refinement!r}")
+        if self.window_size < 0 or self.logit_scale < 0 or self.pamr_steps < 0:
+            raise ValueError("window_size, logit_scale and pamr_steps must be >= 0")
+        if not self.pamr_dilations or any(int(d) < 1 for d in self.pamr_dilations):
+            raise ValueError(f"pamr_dilations must be positive integers, got {list(self.pamr_dilations)}")
+        if self.synonym_merge not in SYNONYM_MERGES:
+            raise ValueError(f"synonym_merge must be one of {', '.join(SYNONYM_MERGES)}, got {self.synonym_merge!r}")
 
 
 @dataclass(frozen=True)
 class PreparedVocabulary:
-    """A vocabulary with its text embeddings: what a frame is segmented against (swapped atomically)."""
+    """A vocabulary with its text embeddings: what a frame is segmented against (swapped atomically).
+
+    Classes are scored through queries: one per class (synonyms averaged) or one per synonym, in which case a
+    class's probability is the largest of its queries' (softmax over all queries), as the papers' code does.
+    """
 
     vocabulary: Vocabulary
-    text_embeddings: torch.Tensor  # (C, D) normalised
+    text_embeddings: torch.Tensor  # (Q, D) normalised, one row per query
+    query_classes: torch.Tensor | None = None  # (Q,) int64 class of each query; None = query i is class i
 
     @property
     def version(self) -> int:
         return self.vocabulary.version
+
+    @property
+    def query_class_index(self) -> torch.Tensor:
+        if self.query_classes is None:
+            return torch.arange(self.text_embeddings.shape[0])
+        return self.query_classes
+
+    def class_probabilities(self, features: torch.Tensor, scale: float) -> torch.Tensor:
+        """(N, D) normalised image features -> (N, C) class probabilities (softmax over queries, max per class)."""
+        text = self.text_embeddings.to(features.device)
+        probs = torch.softmax(scale * features.float() @ text.T, dim=-1)
+        if self.query_classes is None:
+            return probs.cpu()
+        owners = self.query_classes.to(features.device).expand(probs.shape[0], -1)
+        out = torch.zeros(probs.shape[0], len(self.vocabulary), device=features.device)
+        return out.scatter_reduce_(1, owners, probs, reduce="amax", include_self=False).cpu()
+
+
+@dataclass
+class FrameFeatures:
+    """One frame's tower outputs: the windows it was cut into and what the tower made of each."""
+
+    canvas: tuple[int, int]  # (H, W) of the resized image the windows tile
+    windows: list[tuple[int, int, int, int]]  # (top, left, bottom, right) in canvas pixels
+    global_emb: torch.Tensor  # (1, D) normalised; the mean over windows
+    window_dense: torch.Tensor  # (n_windows, h, w, D) normalised
+    grid: torch.Tensor  # (gh, gw, D) normalised features on the canvas' patch grid (windows averaged)
+
+    @property
+    def whole(self) -> bool:
+        """One window covering the whole resized image (no sliding)."""
+        return len(self.windows) == 1 and self.windows[0] == (0, 0, *self.canvas)
 
 
 @dataclass
@@ -93,7 +145,13 @@ MAX_BATCH = 8  # frames per image-tower pass: the exported backends are built fo
 
 
 class DenseSegmenter:
-    """CLIP dense features -> cosine similarity to class text embeddings -> upsampled label map."""
+    """CLIP dense features -> cosine similarity to class text embeddings -> upsampled label map.
+
+    The frame's path, as the training-free papers run it: resize (short side `input_size`), cut into windows
+    (or one window = the whole image), one batched tower pass, per-window cosine logits upsampled to the window
+    and averaged where windows overlap, upsampled to the frame, PAMR, logit scale, softmax, argmax, threshold.
+    Category selection (DCP-CLIP) limits everything after the tower to the classes it keeps.
+    """
 
     def __init__(self, encoder: ClipDenseEncoder, text_cache: TextEmbeddingCache,
                  config: DenseConfig = DenseConfig(), backend: str = "torch",
@@ -118,22 +176,51 @@ class DenseSegmenter:
 
     def prepare(self, vocabulary: Vocabulary) -> PreparedVocabulary:
         """Embed a vocabulary (cached); call before swapping it in so frames never wait for text encoding."""
-        return PreparedVocabulary(vocabulary, self.text_cache.embed_vocabulary(vocabulary))
+        if self.config.synonym_merge == "mean" or all(len(names) == 1 for names in vocabulary.synonyms):
+            return PreparedVocabulary(vocabulary, self.text_cache.embed_vocabulary(vocabulary))
+        names = tuple(name for names in vocabulary.synonyms for name in names)
+        owners = torch.tensor([index for index, names in enumerate(vocabulary.synonyms) for _ in names])
+        return PreparedVocabulary(vocabulary, self.text_cache.embed(names, vocabulary.templates), owners)
+
+    @property
+    def pixel_logit_scale(self) -> float:
+        return self.config.logit_scale or self.encoder.logit_scale
+
+    def window_size(self) -> tuple[int, int]:
+        """Side of the sliding windows in pixels (a multiple of the patch)."""
+        if not self.config.window_size:
+            return self.encoder.native_size
+        patch_h, patch_w = self.encoder.patch_size
+        return (max(patch_h, self.config.window_size // patch_h * patch_h),
+                max(patch_w, self.config.window_size // patch_w * patch_w))
 
     def model_input_shape(self, height: int, width: int) -> tuple[int, int]:
-        """Resize target for an image: short side = input_size, both sides multiples of the patch size."""
-        patch_h, patch_w = self.encoder.patch_size
+        """Size an image is resized to: short side = input_size. Without windows both sides are rounded to
+        multiples of the patch; with windows the size is exact (as mmseg's keep-ratio resize), except that a
+        side smaller than the window is rounded to the patch, since it is then the window's side."""
         short = self.config.input_size or min(self.encoder.native_size)
         scale = short / min(height, width)
-        new_h = max(patch_h, int(round(height * scale / patch_h)) * patch_h)
-        new_w = max(patch_w, int(round(width * scale / patch_w)) * patch_w)
-        return new_h, new_w
+        window = self.window_size() if self.config.window_stride > 0 else None
+        shape = []
+        for axis, side in enumerate((height, width)):
+            patch = self.encoder.patch_size[axis]
+            exact = int(side * scale + 0.5)
+            if window is not None and exact >= window[axis]:
+                shape.append(exact)
+            else:
+                shape.append(max(patch, int(round(side * scale / patch)) * patch))
+        return shape[0], shape[1]
+
+    def windows(self, canvas: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+        """(top, left, bottom, right) windows over a resized image; one covering it when windows are off."""
+        if self.config.window_stride <= 0:
+            return [(0, 0, *canvas)]
+        return slide_windows(canvas, self.window_size(), self.config.window_stride)
 
     def preprocess(self, image_rgb: np.ndarray) -> torch.Tensor:
-        height, width = image_rgb.shape[:2]
-        new_h, new_w = self.model_input_shape(height, width)
-        interp = cv2.INTER_AREA if new_h < height else cv2.INTER_LINEAR
-        resized = cv2.resize(image_rgb, (new_w, new_h), interpolation=interp)
+        """(H, W, 3) uint8 -> (1, 3, h, w) CLIP-normalised at the model input size (bilinear, as the papers)."""
+        new_h, new_w = self.model_input_shape(*image_rgb.shape[:2])
+        resized = cv2.resize(image_rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
         tensor = torch.from_numpy(np.ascontiguousarray(resized)).to(self.encoder.device)
         tensor = tensor.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         return self.encoder.normalise(tensor)
@@ -146,48 +233,61 @@ class DenseSegmenter:
     @torch.inference_mode()
     def frame_features(self, image_rgb: np.ndarray) -> torch.Tensor:
         """(h, w, D) dense features of an image exactly as `segment` computes them (same backend, size, variant)."""
-        return self.encode(self.preprocess(image_rgb))[1][0]
+        return self.encode(self.preprocess(image_rgb))[0].grid
 
-    def encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) normalised -> (global (B, D), dense (B, h, w, D)); sliding windows when configured."""
-        if self.config.precision != "fp32" and self.backend in ("torch", "torch-compile", "auto"):
-            # Exported backends (ONNX Runtime, TensorRT) take float32 in and apply their own precision.
-            dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-            with torch.autocast(self.encoder.device.type, dtype=dtype):
-                global_emb, dense = self._encode(pixels)
-            return global_emb.float(), dense.float()
-        return self._encode(pixels)
-
-    def _encode(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        native_h, native_w = self.encoder.native_size
-        batch, _, height, width = pixels.shape
-        stride = self.config.window_stride
+    def run_tower(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) normalised -> (global (B, D), dense (B, h, w, D)), at most MAX_BATCH per pass."""
         run = self.runner()
-        if stride <= 0 or (height <= native_h and width <= native_w):
-            return run(pixels)
+        autocast = self.config.precision != "fp32" and self.backend in ("torch", "torch-compile", "auto")
+        outputs = []
+        for start in range(0, pixels.shape[0], MAX_BATCH):
+            chunk = pixels[start:start + MAX_BATCH].contiguous()
+            if autocast:  # exported backends (ONNX Runtime, TensorRT) take float32 and apply their own precision
+                dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+                with torch.autocast(self.encoder.device.type, dtype=dtype):
+                    global_emb, dense = run(chunk)
+            else:
+                global_emb, dense = run(chunk)
+            outputs.append((global_emb.float(), dense.float()))
+        return torch.cat([g for g, _ in outputs]), torch.cat([d for _, d in outputs])
+
+    def encode(self, pixels: torch.Tensor) -> list[FrameFeatures]:
+        """Resized images of one size (B, 3, H, W) -> each one's windows through the tower, batched."""
+        batch, _, height, width = pixels.shape
+        boxes = self.windows((height, width))
+        crops = torch.cat([pixels[:, :, top:bottom, left:right] for top, left, bottom, right in boxes])
+        global_emb, dense = self.run_tower(crops)  # window-major: row w * batch + b
+        n = len(boxes)
+        global_emb = global_emb.reshape(n, batch, -1)
+        dense = dense.reshape(n, batch, *dense.shape[1:])
+        frames = []
+        for b in range(batch):
+            window_dense = dense[:, b]
+            frames.append(FrameFeatures(
+                canvas=(height, width), windows=boxes,
+                global_emb=F.normalize(global_emb[:, b].mean(dim=0, keepdim=True), dim=-1),
+                window_dense=window_dense,
+                grid=window_dense[0] if n == 1 else self._grid(window_dense, boxes, (height, width))))
+        return frames
+
+    def _grid(self, window_dense: torch.Tensor, boxes: list[tuple[int, int, int, int]],
+              canvas: tuple[int, int]) -> torch.Tensor:
+        """Window features averaged on the canvas' patch grid (for prompts, selection and tag validation)."""
         patch_h, patch_w = self.encoder.patch_size
-        stride = max(patch_h, stride // patch_h * patch_h)
-        tops = _window_starts(height, native_h, stride)
-        lefts = _window_starts(width, native_w, stride)
-        dense_sum = torch.zeros(batch, height // patch_h, width // patch_w, self.encoder.embed_dim,
-                                device=pixels.device)
-        count = torch.zeros(1, height // patch_h, width // patch_w, 1, device=pixels.device)
-        global_sum = torch.zeros(batch, self.encoder.embed_dim, device=pixels.device)
-        for top in tops:
-            for left in lefts:
-                window = pixels[:, :, top:top + native_h, left:left + native_w]
-                global_emb, dense = run(window.contiguous())
-                rows = slice(top // patch_h, top // patch_h + dense.shape[1])
-                cols = slice(left // patch_w, left // patch_w + dense.shape[2])
-                dense_sum[:, rows, cols] += dense.float()
-                count[:, rows, cols] += 1
-                global_sum += global_emb.float()
-        return F.normalize(global_sum, dim=-1), F.normalize(dense_sum / count.clamp(min=1), dim=-1)
+        grid_h, grid_w = canvas[0] // patch_h, canvas[1] // patch_w
+        total = torch.zeros(grid_h, grid_w, window_dense.shape[-1], device=window_dense.device)
+        count = torch.zeros(grid_h, grid_w, 1, device=window_dense.device)
+        for features, (top, left, _, _) in zip(window_dense, boxes, strict=True):
+            rows = slice(top // patch_h, min(grid_h, top // patch_h + features.shape[0]))
+            cols = slice(left // patch_w, min(grid_w, left // patch_w + features.shape[1]))
+            total[rows, cols] += features[: rows.stop - rows.start, : cols.stop - cols.start]
+            count[rows, cols] += 1
+        return F.normalize(total / count.clamp(min=1), dim=-1)
 
     def select_categories(self, global_emb: torch.Tensor, patch_logits: torch.Tensor,
                           text: torch.Tensor) -> torch.Tensor:
         """DCP-CLIP dynamic category selection: image-level (CLS) candidates united with patch-level winners
-        under image-level suppression. Returns sorted class indices; all classes when disabled."""
+        under image-level suppression. Returns sorted query indices; all queries when disabled."""
         classes = patch_logits.shape[-1]
         tau = self.config.selection_threshold
         everything = torch.arange(classes, device=patch_logits.device)
@@ -205,24 +305,25 @@ class DenseSegmenter:
         keep[image_prob.topk(min(self.config.selection_min_classes, classes)).indices] = True
         return everything[keep]
 
-    def validate_tags(self, class_index: np.ndarray, dense: torch.Tensor, text: torch.Tensor,
+    def validate_tags(self, class_index: np.ndarray, dense: torch.Tensor, prepared: PreparedVocabulary,
                       selected: torch.Tensor) -> np.ndarray:
-        """DCP-CLIP tag validation: pool the dense features under each predicted class's pixels and re-rank
-        over the selected classes; a label outside its pooled top-k becomes the pooled top-1."""
+        """DCP-CLIP tag validation: pool the dense features (h, w, D) under each predicted class's pixels and
+        re-rank over the selected queries; a label outside its pooled top-k becomes the pooled top-1."""
         k = self.config.tag_validation_top_k
-        grid = dense.shape[1:3]
+        grid = dense.shape[:2]
         present = np.unique(class_index)
         if len(present) == 0 or len(selected) <= k:
             return class_index
         masks = torch.from_numpy(np.stack([class_index == c for c in present])).float()[:, None]
         weights = F.adaptive_avg_pool2d(masks, grid)[:, 0]
-        pooled = F.normalize(torch.einsum("phw,hwd->pd", weights.to(dense.dtype), dense[0]).float(), dim=-1)
+        pooled = F.normalize(torch.einsum("phw,hwd->pd", weights.to(dense.dtype), dense).float(), dim=-1)
+        text = prepared.text_embeddings.to(dense.device)
         scores = pooled @ text[selected].float().T
         top = scores.topk(min(k, len(selected)), dim=-1).indices
-        selected_np = selected.cpu().numpy()
+        owners = prepared.query_class_index.numpy()[selected.cpu().numpy()]
         out = class_index.copy()
         for row, cls in enumerate(present):
-            candidates = selected_np[top[row].cpu().numpy()]
+            candidates = owners[top[row].cpu().numpy()]
             if cls not in candidates:
                 out[class_index == cls] = candidates[0]
         return out
@@ -249,35 +350,121 @@ class DenseSegmenter:
             clock = _Stopwatch(timings)
             pixels = torch.cat([self.preprocess(images_rgb[i]) for i in members])
             clock.lap("preprocess")
-            global_emb, dense = self.encode(pixels)
+            features = self.encode(pixels)
             clock.lap("image_encoder")
-            for row, index in enumerate(members):
-                results[index] = self._label(images_rgb[index], global_emb[row:row + 1], dense[row:row + 1],
-                                             prepared, dict(timings))
+            for frame, index in zip(features, members, strict=True):
+                results[index] = self._label(images_rgb[index], frame, prepared, dict(timings))
         return results
 
-    def _label(self, image_rgb: np.ndarray, global_emb: torch.Tensor, dense: torch.Tensor,
-               prepared: PreparedVocabulary, timings: dict[str, float]) -> SegmentationResult:
-        """One image's (1, D) global and (1, h, w, D) dense features -> its label map."""
+    def pixel_logits(self, frame: FrameFeatures, text: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(c, H, W) cosine logits at the frame's size for c text queries: each window's patch logits upsampled
+        (bilinear) to the window, averaged where windows overlap, then upsampled to the frame."""
+        logits = torch.einsum("nhwd,cd->nchw", frame.window_dense, text.to(frame.window_dense.dtype))
+        if frame.whole:
+            return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
+        top, left, bottom, right = frame.windows[0]
+        logits = F.interpolate(logits, size=(bottom - top, right - left), mode="bilinear", align_corners=False)
+        canvas = torch.zeros(text.shape[0], *frame.canvas, device=logits.device)
+        count = torch.zeros(1, *frame.canvas, device=logits.device)
+        for window, (top, left, bottom, right) in zip(logits, frame.windows, strict=True):
+            canvas[:, top:bottom, left:right] += window
+            count[:, top:bottom, left:right] += 1
+        canvas = canvas / count
+        if tuple(frame.canvas) == tuple(size):
+            return canvas
+        return F.interpolate(canvas[None], size=size, mode="bilinear", align_corners=False)[0]
+
+    def _label(self, image_rgb: np.ndarray, frame: FrameFeatures, prepared: PreparedVocabulary,
+               timings: dict[str, float]) -> SegmentationResult:
+        """One image's tower outputs -> its label map (per-pixel work limited to the selected queries)."""
         clock = _Stopwatch(timings)
-        text = prepared.text_embeddings.to(dense.device, dense.dtype)
-        patch_logits = self.encoder.logit_scale * torch.einsum("bhwd,cd->bhwc", dense, text)[0]
-        selected = self.select_categories(global_emb, patch_logits, text)
+        device = frame.grid.device
+        text = prepared.text_embeddings.to(device, frame.grid.dtype)
+        patch_logits = self.encoder.logit_scale * torch.einsum("hwd,cd->hwc", frame.grid, text)
+        selected = self.select_categories(frame.global_emb, patch_logits, text)
         clock.lap("category_selection")
-        logits = patch_logits[..., selected].permute(2, 0, 1)[None]
-        guide = image_rgb if self.config.refinement == "guided" else None
-        index, confidence = upsample_argmax(logits, image_rgb.shape[:2], self.config.class_chunk, guide)
-        class_index = selected.cpu().numpy()[index]
-        clock.lap("classify_upsample")
+        size = image_rgb.shape[:2]
+        affinity = None
+        if self.config.pamr_steps > 0:
+            guide = torch.from_numpy(image_rgb).to(device).permute(2, 0, 1).float()
+            affinity = PamrAffinity(guide, tuple(self.config.pamr_dilations))
+        grey = None
+        if self.config.refinement == "guided":
+            grey = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+        argmax = RunningArgmax()
+        stage = {"merge_upsample": 0.0, "pamr": 0.0, "classify": 0.0}
+        chunk = self.config.class_chunk
+        for start in range(0, len(selected), chunk):
+            tick = time.perf_counter()
+            part = self.pixel_logits(frame, text[selected[start:start + chunk]], size)
+            stage["merge_upsample"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            if affinity is not None:
+                part = affinity.refine(part, self.config.pamr_steps)
+            stage["pamr"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            if grey is not None:
+                part = guided_filter_maps(grey, part)
+            argmax.add(start, part * self.pixel_logit_scale)
+            stage["classify"] += time.perf_counter() - tick
+        index, confidence = argmax.result()
+        query = selected.cpu().numpy()[index]
+        class_index = prepared.query_class_index.numpy()[query]
+        for name, seconds in stage.items():
+            if name != "pamr" or affinity is not None:
+                timings[name] = seconds * 1000
+        clock.last = time.perf_counter()
         if self.config.tag_validation_top_k > 0:
-            class_index = self.validate_tags(class_index, dense, text, selected)
+            class_index = self.validate_tags(class_index, frame.grid, prepared, selected)
             clock.lap("tag_validation")
         result = summarise(class_index, confidence, prepared, self.config.score_threshold)
         clock.lap("postprocess")
         result.timings_ms = timings
-        result.dense_features = dense[0]
-        result.selected_classes = [int(c) for c in selected]
+        result.dense_features = frame.grid
+        result.selected_classes = sorted({int(c) for c in prepared.query_class_index[selected.cpu()]})
         return result
+
+
+class RunningArgmax:
+    """Argmax and softmax probability over classes that arrive a chunk at a time (bounded memory).
+
+    Keeps a running max, argmax and log-sum-exp, so a 1000-class vocabulary never holds C x H x W floats."""
+
+    def __init__(self) -> None:
+        self.best = self.best_index = self.lse = None
+
+    def add(self, start: int, scaled: torch.Tensor) -> None:
+        """(c, H, W) scaled logits of classes start .. start + c - 1."""
+        part_max, part_idx = scaled.max(dim=0)
+        part_lse = torch.logsumexp(scaled, dim=0)
+        if self.best is None:
+            self.best, self.best_index, self.lse = part_max, part_idx + start, part_lse
+            return
+        better = part_max > self.best
+        self.best = torch.where(better, part_max, self.best)
+        self.best_index = torch.where(better, part_idx + start, self.best_index)
+        self.lse = torch.logaddexp(self.lse, part_lse)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W) int64 winning index and (H, W) float32 its softmax probability."""
+        confidence = torch.exp(self.best - self.lse)
+        return self.best_index.to(torch.int64).cpu().numpy(), confidence.cpu().numpy().astype(np.float32)
+
+
+def slide_windows(canvas: tuple[int, int], window: tuple[int, int], stride: int) -> list[tuple[int, int, int, int]]:
+    """mmseg's sliding-window tiling (what MaskCLIP, SCLIP, ClearCLIP and NACLIP use): windows start every
+    `stride` pixels, the last one is moved back to end at the border, a side shorter than the window is one
+    window of that side."""
+    def starts(length: int, size: int) -> list[tuple[int, int]]:
+        count = max(length - size + stride - 1, 0) // stride + 1
+        spans = []
+        for i in range(count):
+            end = min(i * stride + size, length)
+            spans.append((max(end - size, 0), end))
+        return spans
+
+    return [(top, left, bottom, right) for top, bottom in starts(canvas[0], window[0])
+            for left, right in starts(canvas[1], window[1])]
 
 
 class _Stopwatch:
@@ -289,13 +476,6 @@ class _Stopwatch:
         now = time.perf_counter()
         self.timings[name] = (now - self.last) * 1000
         self.last = now
-
-
-def _window_starts(length: int, window: int, stride: int) -> list[int]:
-    if length <= window:
-        return [0]
-    starts = list(range(0, length - window, stride))
-    return starts + [length - window]
 
 
 def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int = 4, eps: float = 1e-3) -> np.ndarray:
@@ -313,35 +493,27 @@ def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int = 4, eps: f
     return box(a) * guide + box(b)
 
 
+def guided_filter_maps(grey: np.ndarray, maps: torch.Tensor) -> torch.Tensor:
+    """Each (H, W) map of a (c, H, W) tensor through the guided filter with an (H, W) grey guide."""
+    filtered = np.stack([guided_filter(grey, channel) for channel in maps.cpu().numpy()])
+    return torch.from_numpy(filtered).to(maps.device)
+
+
 def upsample_argmax(logits: torch.Tensor, size: tuple[int, int], chunk: int,
                     guide_rgb: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact bilinear upsampling + softmax argmax, a chunk of classes at a time (bounded memory).
-
-    Keeps a running max, argmax and log-sum-exp so a 1000-class vocabulary never holds C x H x W floats.
-    With a guide image, each class map is edge-aware filtered (guided filter) before the argmax.
-    """
-    _, classes, _, _ = logits.shape
-    guide = None
+    """(1, C, h, w) logits -> exact bilinear upsampling + softmax argmax, a chunk of classes at a time.
+    With a guide image, each class map is edge-aware filtered (guided filter) before the argmax."""
+    grey = None
     if guide_rgb is not None:
-        guide = cv2.cvtColor(guide_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
-    best = best_idx = lse = None
-    for start in range(0, classes, chunk):
+        grey = cv2.cvtColor(guide_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+    argmax = RunningArgmax()
+    for start in range(0, logits.shape[1], chunk):
         part = F.interpolate(logits[:, start:start + chunk].float(), size=size, mode="bilinear",
                              align_corners=False)[0]
-        if guide is not None:
-            filtered = [guided_filter(guide, channel) for channel in part.cpu().numpy()]
-            part = torch.from_numpy(np.stack(filtered)).to(part.device)
-        part_max, part_idx = part.max(dim=0)
-        part_lse = torch.logsumexp(part, dim=0)
-        if best is None:
-            best, best_idx, lse = part_max, part_idx, part_lse
-        else:
-            better = part_max > best
-            best = torch.where(better, part_max, best)
-            best_idx = torch.where(better, part_idx + start, best_idx)
-            lse = torch.logaddexp(lse, part_lse)
-    confidence = torch.exp(best - lse)
-    return best_idx.to(torch.int64).cpu().numpy(), confidence.cpu().numpy().astype(np.float32)
+        if grey is not None:
+            part = guided_filter_maps(grey, part)
+        argmax.add(start, part)
+    return argmax.result()
 
 
 def relabel(result: SegmentationResult, labels: np.ndarray, prepared: PreparedVocabulary,

@@ -225,9 +225,7 @@ class PromptSegmenter:
         if empty.any():  # SAM found nothing: pool the whole frame rather than divide by zero
             weights[empty] = 1.0
         pooled = torch.einsum("phw,hwd->pd", weights.to(dense.dtype), dense)
-        pooled = F.normalize(pooled.float(), dim=-1)
-        text = prepared.text_embeddings.to(pooled.device)
-        return torch.softmax(self.encoder.logit_scale * pooled @ text.T, dim=-1).cpu()
+        return prepared.class_probabilities(F.normalize(pooled.float(), dim=-1), self.encoder.logit_scale)
 
     def classify_crops(self, image: np.ndarray, masks: np.ndarray, prepared: PreparedVocabulary) -> torch.Tensor:
         """The image-crop baseline: CLIP's global embedding of each mask's box crop (background greyed)."""
@@ -247,8 +245,7 @@ class PromptSegmenter:
             crops.append(cv2.resize(crop, (size[1], size[0]), interpolation=cv2.INTER_AREA))
         batch = torch.from_numpy(np.stack(crops)).to(self.encoder.device).permute(0, 3, 1, 2).float() / 255.0
         global_emb, _ = self.encoder.dense_features(self.encoder.normalise(batch), "plain")
-        text = prepared.text_embeddings.to(global_emb.device)
-        return torch.softmax(self.encoder.logit_scale * global_emb.float() @ text.T, dim=-1).cpu()
+        return prepared.class_probabilities(global_emb, self.encoder.logit_scale)
 
     # ------------------------------------------------------------------ dense refinement
     @torch.inference_mode()

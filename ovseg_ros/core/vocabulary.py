@@ -6,14 +6,11 @@ can never be mixed with another (the node swaps one reference atomically).
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass, field
 
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a photo of the {}.",
-    "there is a {} in the scene.",
-    "a cropped photo of a {}.",
-)
+from .templates import DEFAULT_TEMPLATES, TEMPLATE_SETS, expand_template_sets
+
 UNLABELLED = 65535
 SYNONYM_SEPARATOR = ";"
 
@@ -28,7 +25,7 @@ class VocabularyLimits:
 
     max_classes: int = 1000
     max_name_length: int = 128
-    max_templates: int = 32
+    max_templates: int = 100  # room for CLIP's 80 ImageNet templates (`imagenet80`)
 
 
 @dataclass(frozen=True)
@@ -95,15 +92,33 @@ def validate_labels(labels: object, limits: VocabularyLimits = VocabularyLimits(
     return tuple(clean)
 
 
+def template_problem(template: object) -> str | None:
+    """Why a prompt template cannot embed a class name, or None. Valid: exactly one plain '{}' and no other
+    replacement field ('{{}}' is literal braces, so it holds no placeholder)."""
+    if not isinstance(template, str):
+        return f"is {type(template).__name__}, not a string"
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        return f"is not a valid format string ({exc})"
+    if len(fields) != 1 or fields[0] != ("", "", None):
+        return "must hold exactly one '{}' placeholder and no other replacement field"
+    return None
+
+
 def validate_templates(templates: object, limits: VocabularyLimits = VocabularyLimits()) -> tuple[str, ...]:
+    """Clean templates; an entry naming a template set (e.g. 'imagenet80') stands for that set's templates."""
     if isinstance(templates, str) or not isinstance(templates, (list, tuple)):
         raise VocabularyError(f"prompt_templates must be a list of strings, got {type(templates).__name__}")
+    templates = expand_template_sets(templates)
     if len(templates) > limits.max_templates:
         raise VocabularyError(f"{len(templates)} templates exceed the limit of {limits.max_templates}")
     clean = []
     for index, template in enumerate(templates):
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise VocabularyError(f"prompt template {index} must be a string with exactly one '{{}}': {template!r}")
+        problem = template_problem(template)
+        if problem is not None:
+            raise VocabularyError(f"prompt template {index} {problem}: {template!r} (or name a template set: "
+                                  f"{', '.join(TEMPLATE_SETS)})")
         if len(template) > 4 * limits.max_name_length:
             raise VocabularyError(f"prompt template {index} is too long")
         clean.append(template)

@@ -1,0 +1,101 @@
+"""Presets: a model and the inference settings its published numbers were measured with, each value sourced.
+
+A preset sets the defaults of the node's parameters (and of `ovseg segment`'s options); a parameter given
+explicitly (params file, launch override, command line) wins. Keys are parameter names of ovseg_ros.parameters.
+
+Sources (read in the released code, not guessed):
+- NACLIP (Hajimiri et al., WACV 2025), github.com/sinahmr/NACLIP: `naclip.py` (NACLIP.__init__ defaults:
+  arch 'reduced', attn 'naclip', gaussian_std 5, pamr_steps 10, pamr_stride (8, 16), logit_scale 40,
+  slide_crop 224, slide_stride 112; postprocess_result: synonyms as queries, max), `configs/cfg_*.py`
+  (Resize scale (2048, 336) keep_ratio: short side 336; prob_thd 0.1 only on sets with a background class).
+- SCLIP (Wang et al., ECCV 2024), github.com/wangf3014/SCLIP: `clip_segmentor.py` (logit_scale 40, slide 224/112,
+  pamr_steps 0 by default), `configs/cfg_*.py` (short side 336; 448 for COCO-Stuff).
+- ClearCLIP (Lan et al., ECCV 2024), github.com/mc-lan/ClearCLIP: `clearclip_segmentor.py` (logit_scale 50,
+  slide_crop 448, slide_stride 224, no PAMR), `configs/cfg_*.py` (Resize (2048, 448): short side 448).
+- All three: `prompts/imagenet_template.py` (CLIP's 80 ImageNet templates, embeddings averaged per name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_PRESET = "demo"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    settings: dict[str, object]
+    sources: dict[str, str] = field(default_factory=dict)  # parameter -> where its value comes from
+
+
+_NACLIP = "NACLIP naclip.py / configs"
+_SCLIP = "SCLIP clip_segmentor.py / configs"
+_CLEARCLIP = "ClearCLIP clearclip_segmentor.py / configs"
+_TEMPLATES = "prompts/imagenet_template.py (CLIP's 80 ImageNet templates)"
+_SYNONYMS = "get_cls_idx + postprocess_result: each synonym a query, class = max"
+_NO_DCS = "the papers have no category selection; DCS composes (selection_threshold > 0)"
+_OPENAI_B16 = "OpenAI CLIP ViT-B/16, the backbone of the papers' ViT-B/16 tables"
+
+PRESETS: dict[str, Preset] = {
+    preset.name: preset for preset in (
+        Preset(
+            "naclip-vit-b16",
+            "NACLIP on OpenAI ViT-B/16: neighbourhood attention, reduced last block, 336 px, windows 224/112, PAMR",
+            {"clip_model": "clip-vit-b16-openai", "dense_variant": "naclip", "input_size": 336, "window_size": 224,
+             "window_stride": 112, "logit_scale": 40.0, "score_threshold": 0.0, "pamr_steps": 10,
+             "pamr_dilations": [8, 16], "prompt_templates": ["imagenet80"], "synonym_merge": "max",
+             "selection_threshold": 0.0},
+            {"clip_model": _OPENAI_B16, "dense_variant": _NACLIP + " (arch reduced, attn naclip, std 5)",
+             "input_size": "NACLIP configs: Resize (2048, 336) keep_ratio", "window_size": _NACLIP + " slide_crop",
+             "window_stride": _NACLIP + " slide_stride", "logit_scale": _NACLIP, "score_threshold":
+             "NACLIP prob_thd 0 (0.1 only with a background class)", "pamr_steps": _NACLIP,
+             "pamr_dilations": _NACLIP + " pamr_stride", "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS,
+             "selection_threshold": _NO_DCS}),
+        Preset(
+            "sclip-vit-b16",
+            "SCLIP on OpenAI ViT-B/16: correlative self-attention, 336 px, windows 224/112, no PAMR",
+            {"clip_model": "clip-vit-b16-openai", "dense_variant": "sclip", "input_size": 336, "window_size": 224,
+             "window_stride": 112, "logit_scale": 40.0, "score_threshold": 0.0, "pamr_steps": 0,
+             "pamr_dilations": [8, 16], "prompt_templates": ["imagenet80"], "synonym_merge": "max",
+             "selection_threshold": 0.0},
+            {"clip_model": _OPENAI_B16, "dense_variant": _SCLIP + " (csa=True, residual and MLP kept)",
+             "input_size": "SCLIP configs: Resize (2048, 336) (448 for COCO-Stuff)", "window_size": _SCLIP,
+             "window_stride": _SCLIP, "logit_scale": _SCLIP + " (50-65 on some sets)",
+             "score_threshold": "SCLIP prob_thd 0 (0.1 only with a background class)",
+             "pamr_steps": _SCLIP + " (pamr_steps 0; optional)", "pamr_dilations": _SCLIP,
+             "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS, "selection_threshold": _NO_DCS}),
+        Preset(
+            "clearclip-vit-b16",
+            "ClearCLIP on OpenAI ViT-B/16: query-query attention, no residual/FFN, 448 px, windows 448/224",
+            {"clip_model": "clip-vit-b16-openai", "dense_variant": "clearclip", "input_size": 448,
+             "window_size": 448, "window_stride": 224, "logit_scale": 50.0, "score_threshold": 0.0,
+             "pamr_steps": 0, "pamr_dilations": [8, 16], "prompt_templates": ["imagenet80"],
+             "synonym_merge": "max", "selection_threshold": 0.0},
+            {"clip_model": _OPENAI_B16, "dense_variant": _CLEARCLIP + " (model_type ClearCLIP, ignore_residual)",
+             "input_size": "ClearCLIP configs: Resize (2048, 448)", "window_size": _CLEARCLIP + " slide_crop",
+             "window_stride": _CLEARCLIP + " slide_stride", "logit_scale": _CLEARCLIP,
+             "score_threshold": "ClearCLIP prob_thd 0 (0.15-0.5 only with a background class)",
+             "pamr_steps": "ClearCLIP has no PAMR", "pamr_dilations": "unused",
+             "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS, "selection_threshold": _NO_DCS}),
+        Preset(
+            "demo",
+            "the project's demo CLIP on its synthetic world (the embedded demo and the tests' yardstick)",
+            {"clip_model": "ovseg-demo-clip", "dense_variant": "plain", "input_size": 0, "window_size": 0,
+             "window_stride": 0, "logit_scale": 0.0, "score_threshold": 0.0, "pamr_steps": 0,
+             "pamr_dilations": [8, 16], "prompt_templates": ["default"], "synonym_merge": "max",
+             "selection_threshold": 0.3},
+            {"clip_model": "models/demo/ovseg-demo-clip.md", "dense_variant":
+             "demo model card: trained on the plain tokens", "selection_threshold": "README accuracy figures",
+             "logit_scale": "the model's own (trained)"}),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The named preset; ValueError naming the known ones otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

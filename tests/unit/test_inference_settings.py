@@ -1,0 +1,215 @@
+"""Inference as the papers run it: sliding windows that average upsampled logits, PAMR, logit scale, synonyms as
+separate queries, template sets, presets. References are written here from the papers, independently of the core.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovseg_ros.core.dense import DenseConfig, DenseSegmenter, slide_windows
+from ovseg_ros.core.metrics import mask_iou
+from ovseg_ros.core.pamr import PamrAffinity
+from ovseg_ros.core.presets import PRESETS
+from ovseg_ros.core.registry import load_clip
+from ovseg_ros.core.text_cache import TextEmbeddingCache
+from ovseg_ros.core.vocabulary import Vocabulary, VocabularyError, make_vocabulary, validate_templates
+from ovseg_ros.parameters import SPEC_BY_NAME, dense_config, preset_defaults
+from ovseg_ros.synth.world import generate_scene
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_clip("ovseg-demo-clip")
+
+
+def segmenter_with(encoder, **config) -> DenseSegmenter:
+    return DenseSegmenter(encoder, TextEmbeddingCache(encoder.encode_text, encoder.model_id), DenseConfig(**config))
+
+
+# ---------------------------------------------------------------- sliding windows
+def test_windows_tile_like_mmseg():
+    assert slide_windows((336, 448), (224, 224), 112) == [
+        (0, 0, 224, 224), (0, 112, 224, 336), (0, 224, 224, 448),
+        (112, 0, 336, 224), (112, 112, 336, 336), (112, 224, 336, 448)]
+    assert slide_windows((300, 500), (224, 224), 112)[-1] == (76, 276, 300, 500)  # last window moved back
+    assert slide_windows((200, 100), (224, 224), 112) == [(0, 0, 200, 100)]  # smaller than a window: one
+
+
+def test_two_windows_average_their_upsampled_logits(encoder):
+    """A 128x192 image, windows 128 wide every 64 px: the merge equals logits computed window by window."""
+    segmenter = segmenter_with(encoder, input_size=128, window_stride=64, synonym_merge="mean")
+    image = generate_scene(11, size=(128, 192), split="eval").image
+    prepared = segmenter.prepare(Vocabulary(("grass", "sky", "red circle", "blue square")))
+    text = prepared.text_embeddings
+    with torch.inference_mode():
+        pixels = segmenter.preprocess(image)
+        assert pixels.shape[-2:] == (128, 192)
+        frame = segmenter.encode(pixels)[0]
+        merged = segmenter.pixel_logits(frame, text, (128, 192))
+        expected = torch.zeros(4, 128, 192)
+        count = torch.zeros(1, 128, 192)
+        for left in (0, 64):
+            _, dense = encoder.dense_features(pixels[:, :, :, left:left + 128], "plain")
+            logits = torch.einsum("bhwd,cd->bchw", dense, text)
+            expected[:, :, left:left + 128] += F.interpolate(logits, size=(128, 128), mode="bilinear")[0]
+            count[:, :, left:left + 128] += 1
+        expected /= count
+    assert frame.windows == [(0, 0, 128, 128), (0, 64, 128, 192)]
+    assert torch.allclose(merged, expected, atol=1e-5)
+    result = segmenter.segment(image, prepared)
+    probabilities = torch.softmax(encoder.logit_scale * expected, dim=0)
+    assert np.array_equal(result.labels, probabilities.argmax(0).numpy().astype(np.uint16))
+    assert np.allclose(result.confidence, probabilities.max(0).values.numpy(), atol=1e-5)
+
+
+def test_logit_scale_sets_the_softmax_temperature(encoder):
+    image = generate_scene(5, size=(128, 128), split="eval").image
+    vocabulary = Vocabulary(("grass", "sky", "red circle"))
+    confidences = []
+    for scale in (10.0, 40.0):
+        segmenter = segmenter_with(encoder, logit_scale=scale, selection_threshold=0.0)
+        confidences.append(segmenter.segment(image, segmenter.prepare(vocabulary)).confidence.mean())
+    assert confidences[1] > confidences[0]
+
+
+# ---------------------------------------------------------------- PAMR
+def reference_pamr(image: torch.Tensor, scores: torch.Tensor, steps: int, dilations) -> torch.Tensor:
+    """Araslanov & Roth's PAMR written per pixel with index clamping (replicate borders)."""
+    channels, height, width = image.shape
+    ys = torch.arange(height)[:, None].expand(height, width)
+    xs = torch.arange(width)[None, :].expand(height, width)
+
+    def at(t: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+        return t[:, (ys + dy).clamp(0, height - 1), (xs + dx).clamp(0, width - 1)]
+
+    around = [(dy * d, dx * d) for d in dilations for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    neighbours = [o for o in around if o != (0, 0)]
+    sigma = torch.stack([at(image, *o) for o in around]).std(dim=0)
+    kappa = torch.stack([-(image - at(image, *o)).abs() / (1e-8 + 0.1 * sigma) for o in neighbours]).mean(dim=1)
+    alpha = torch.softmax(kappa, dim=0)
+    for _ in range(steps):
+        scores = sum(alpha[i] * at(scores, *o) for i, o in enumerate(neighbours))
+    return scores
+
+
+def test_pamr_equals_the_papers_equations():
+    generator = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 37, 53, generator=generator)
+    scores = torch.rand(5, 37, 53, generator=generator)
+    refined = PamrAffinity(image, (2, 4)).refine(scores, 3)
+    assert torch.allclose(refined, reference_pamr(image, scores, 3, (2, 4)), atol=1e-5)
+
+
+def test_pamr_moves_a_blurred_mask_back_onto_the_edges():
+    ious_before, ious_after = [], []
+    for seed in range(6):
+        scene = generate_scene(seed, size=(160, 200), split="eval")
+        target = scene.labels == scene.labels[scene.labels.shape[0] // 2, scene.labels.shape[1] // 2]
+        if target.mean() > 0.5:
+            target = ~target
+        coarse = F.interpolate(torch.from_numpy(target).float()[None, None], scale_factor=1 / 16, mode="area")
+        blurred = F.interpolate(coarse, size=target.shape, mode="bilinear")[0, 0]
+        scores = torch.stack([1 - blurred, blurred])
+        image = torch.from_numpy(scene.image).permute(2, 0, 1).float()
+        refined = PamrAffinity(image, (8, 16)).refine(scores, 10)
+        ious_before.append(mask_iou(scores.argmax(0).numpy() == 1, target))
+        ious_after.append(mask_iou(refined.argmax(0).numpy() == 1, target))
+    assert np.mean(ious_after) > np.mean(ious_before) + 0.02, (ious_before, ious_after)
+
+
+def test_segmenter_applies_pamr_at_full_resolution(encoder):
+    image = generate_scene(3, size=(120, 160), split="eval").image
+    vocabulary = Vocabulary(("grass", "water", "sky", "red circle", "blue square"))
+    plain = segmenter_with(encoder, selection_threshold=0.0)
+    refined = segmenter_with(encoder, selection_threshold=0.0, pamr_steps=10, pamr_dilations=(4, 8))
+    prepared = plain.prepare(vocabulary)
+    base, with_pamr = plain.segment(image, prepared), refined.segment(image, prepared)
+    assert "pamr" in with_pamr.timings_ms and "pamr" not in base.timings_ms
+    assert not np.array_equal(base.labels, with_pamr.labels)
+    frame = refined.encode(refined.preprocess(image))[0]
+    logits = refined.pixel_logits(frame, prepared.text_embeddings, image.shape[:2])
+    guide = torch.from_numpy(image).permute(2, 0, 1).float()
+    expected = reference_pamr(guide, logits, 10, (4, 8)).argmax(0).numpy()
+    assert (with_pamr.labels == expected).mean() > 0.999
+
+
+# ---------------------------------------------------------------- text: synonyms and templates
+def test_synonyms_are_separate_queries_and_the_best_one_wins(encoder):
+    vocabulary = Vocabulary(("grass;lawn", "sky", "red circle;red disc"))
+    by_max = segmenter_with(encoder, synonym_merge="max").prepare(vocabulary)
+    by_mean = segmenter_with(encoder, synonym_merge="mean").prepare(vocabulary)
+    assert by_max.text_embeddings.shape[0] == 5 and by_max.query_classes.tolist() == [0, 0, 1, 2, 2]
+    assert by_mean.text_embeddings.shape[0] == 3 and by_mean.query_classes is None
+    features = F.normalize(torch.randn(7, by_max.text_embeddings.shape[1]), dim=-1)
+    probs = by_max.class_probabilities(features, 40.0)
+    queries = torch.softmax(40.0 * features @ by_max.text_embeddings.T, dim=-1)
+    expected = torch.stack([queries[:, :2].max(1).values, queries[:, 2], queries[:, 3:].max(1).values], dim=1)
+    assert torch.allclose(probs, expected, atol=1e-6)
+
+
+def test_template_sets_and_placeholder_rules():
+    assert len(validate_templates(["imagenet80"])) == 80
+    assert len(make_vocabulary(["cup"], ["imagenet80", "a {} on a table."]).templates) == 81
+    assert validate_templates(["{{}} a {}"]) == ("{{}} a {}",)
+    for bad in (["a {0}"], ["a {name}"], ["a {} {}"], ["{{}} only literal braces"], ["a {:>4}"], ["a {"],
+                ["a {!r}"], ["imagenet81"]):
+        with pytest.raises(VocabularyError):
+            validate_templates(bad)
+
+
+def test_eighty_templates_embed_every_class(encoder):
+    segmenter = segmenter_with(encoder)
+    prepared = segmenter.prepare(make_vocabulary(["grass", "red circle"], ["imagenet80"]))
+    assert prepared.text_embeddings.shape == (2, 128)
+    assert torch.allclose(prepared.text_embeddings.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+# ---------------------------------------------------------------- presets
+def test_every_preset_names_real_parameters_with_sources():
+    for preset in PRESETS.values():
+        assert set(preset.settings) <= set(SPEC_BY_NAME), preset.name
+        for name, value in preset.settings.items():
+            assert SPEC_BY_NAME[name].check(value) is None, (preset.name, name)
+        dense_config(preset_defaults(preset.name))  # every preset makes a valid configuration
+        if preset.name != "demo":
+            assert set(preset.settings) <= set(preset.sources), preset.name
+
+
+def test_the_demo_preset_is_the_parameter_table():
+    """The node's default preset changes nothing the table says (one truth for defaults)."""
+    demo = preset_defaults("demo")
+    for name, value in PRESETS["demo"].settings.items():
+        default = SPEC_BY_NAME[name].default
+        expected = list(validate_templates(value)) if name == "prompt_templates" else value
+        assert default == expected, name
+    assert demo["clip_model"] == "ovseg-demo-clip"
+
+
+def test_papers_settings_in_the_presets():
+    naclip = dense_config(preset_defaults("naclip-vit-b16"))
+    assert (naclip.variant, naclip.input_size, naclip.window_size, naclip.window_stride, naclip.logit_scale,
+            naclip.pamr_steps, naclip.pamr_dilations) == ("naclip", 336, 224, 112, 40.0, 10, (8, 16))
+    clear = dense_config(preset_defaults("clearclip-vit-b16"))
+    assert (clear.variant, clear.input_size, clear.window_size, clear.window_stride, clear.logit_scale,
+            clear.pamr_steps) == ("clearclip", 448, 448, 224, 50.0, 0)
+    sclip = dense_config(preset_defaults("sclip-vit-b16"))
+    assert (sclip.variant, sclip.input_size, sclip.window_stride, sclip.logit_scale) == ("sclip", 336, 112, 40.0)
+    for name in ("naclip-vit-b16", "sclip-vit-b16", "clearclip-vit-b16"):
+        assert preset_defaults(name)["prompt_templates"] == ["imagenet80"]
+        assert preset_defaults(name)["clip_model"] == "clip-vit-b16-openai"
+
+
+def test_a_preset_on_a_640x480_frame_resizes_and_tiles_as_the_paper(encoder):
+    """NACLIP's settings with the demo model: 640x480 -> 448x336 (short side 336), six 224 windows."""
+    values = preset_defaults("naclip-vit-b16")
+    segmenter = DenseSegmenter(encoder, TextEmbeddingCache(encoder.encode_text, encoder.model_id),
+                               dense_config(values))
+    assert segmenter.window_size() == (224, 224)
+    assert segmenter.model_input_shape(480, 640) == (336, 448)
+    assert len(segmenter.windows((336, 448))) == 6
+    result = segmenter.segment(generate_scene(2, size=(480, 640), split="eval").image,
+                               segmenter.prepare(make_vocabulary(["grass", "sky"], ["imagenet80"])))
+    assert result.labels.shape == (480, 640) and {"merge_upsample", "pamr"} <= set(result.timings_ms)

@@ -84,7 +84,7 @@ def segment_command(args: argparse.Namespace) -> int:
     from .bench.accuracy import make_segmenter
     from .core.overlay import blend
     from .core.vocabulary import VocabularyError, make_vocabulary
-    from .parameters import dense_config
+    from .parameters import dense_config, settings_from_args
 
     values = settings_from_args(args)
     try:
@@ -124,47 +124,9 @@ def segment_command(args: argparse.Namespace) -> int:
     return 0
 
 
-# Older, shorter option names of some node parameters (kept: scripts use them).
-OPTION_ALIASES = {"clip_model": "--clip", "dense_variant": "--variant", "score_threshold": "--threshold",
-                  "selection_threshold": "--selection", "tag_validation_top_k": "--tag-validation"}
-
-
-def add_setting_options(parser: argparse.ArgumentParser) -> None:
-    """--preset and one option per dense node parameter (same names, help and choices as the node's table);
-    an option left out takes the preset's value, exactly as a node parameter left out does."""
-    from .core.presets import DEFAULT_PRESET, PRESETS
-    from .parameters import DENSE_PARAMETERS, SPEC_BY_NAME
-
-    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
-                        help="model + the inference settings of its paper; the options below override it")
-    for name in ["clip_model", *sorted(DENSE_PARAMETERS - {"precision"})]:
-        spec = SPEC_BY_NAME[name]
-        flags = [f"--{name.replace('_', '-')}"] + ([OPTION_ALIASES[name]] if name in OPTION_ALIASES else [])
-        if isinstance(spec.default, list):
-            kind = _int_list
-        else:
-            kind = type(spec.default)
-        parser.add_argument(*flags, dest=name, type=kind, default=None, help=spec.description,
-                            choices=[c for c in spec.choices if c != "sam"] or None)
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def settings_from_args(args: argparse.Namespace) -> dict[str, object]:
-    """The preset's parameter values with every option the user gave put over them."""
-    from .parameters import preset_defaults
-
-    values = preset_defaults(args.preset)
-    values.update({name: getattr(args, name) for name in values if getattr(args, name, None) is not None})
-    return values
-
-
 def main(argv: list[str] | None = None) -> int:
+    from .parameters import add_setting_options
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="ovseg", description="open-vocabulary segmentation without ROS")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="prompt template with {} or a template set name, e.g. imagenet80 (repeatable)")
     seg.add_argument("--out", required=True)
     seg.add_argument("--device", default="cpu")
-    add_setting_options(seg)
+    add_setting_options(seg, exclude_choices={"sam"})
     seg.add_argument("--video-stride", type=int, default=1)
     seg.add_argument("--batch", type=int, default=1, help="frames per image-tower pass (1-8)")
     seg.add_argument("--quiet", action="store_true")

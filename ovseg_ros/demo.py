@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(ros_environment(domain_id=domain, log_dir=tempfile.mkdtemp(prefix="ovseg-demo-")))
     env = dict(os.environ)
     names = default_camera_names(args.cameras)
-    params = {"clip_model": args.clip, "refinement": args.refinement}
+    params = {"preset": "demo", "clip_model": args.clip, "refinement": args.refinement}
     if names != [""]:
         params["cameras"] = names
     node = Process(node_command("ovseg_ros.node", "ovseg", params=params), env, out / "ovseg_node.log")

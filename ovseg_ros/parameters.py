@@ -7,6 +7,7 @@ the set-parameters callback, which refuses bad values with a reason.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 from .core.clip_dense import DENSE_VARIANTS
@@ -163,3 +164,38 @@ def dense_config(values: dict[str, object]) -> DenseConfig:
         value = values[name]
         fields[SPEC_BY_NAME[name].dense_field] = tuple(int(v) for v in value) if name == "pamr_dilations" else value
     return DenseConfig(**fields)
+
+
+# Older, shorter option names of some node parameters (kept: scripts use them).
+OPTION_ALIASES = {"clip_model": "--clip", "dense_variant": "--variant", "score_threshold": "--threshold",
+                  "selection_threshold": "--selection", "tag_validation_top_k": "--tag-validation"}
+
+
+def add_setting_options(parser: argparse.ArgumentParser, exclude_choices: set[str] = frozenset()) -> None:
+    """--preset and one option per dense node parameter (same names, help and choices as the node's table);
+    an option left out takes the preset's value, exactly as a node parameter left out does."""
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
+                        help="model + the inference settings of its paper; the options below override it")
+    for name in ["clip_model", *sorted(DENSE_PARAMETERS)]:
+        spec = SPEC_BY_NAME[name]
+        flags = [f"--{name.replace('_', '-')}"] + ([OPTION_ALIASES[name]] if name in OPTION_ALIASES else [])
+        if isinstance(spec.default, list):
+            kind = _int_list
+        else:
+            kind = type(spec.default)
+        parser.add_argument(*flags, dest=name, type=kind, default=None, help=spec.description,
+                            choices=[c for c in spec.choices if c not in exclude_choices] or None)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """The preset's parameter values with every option the user gave put over them."""
+    values = preset_defaults(args.preset)
+    values.update({name: getattr(args, name) for name in values if getattr(args, name, None) is not None})
+    return values

@@ -1,6 +1,7 @@
 """Accuracy benchmark on the synthetic world: dense mIoU (seen / held-out), prompt IoU and label accuracy.
 
-    ovseg-bench accuracy [--scenes 100] [--clip ovseg-demo-clip] [--sam ovseg-demo-sam]
+    ovseg-bench accuracy [--scenes 100] [--preset demo] [--clip ovseg-demo-clip] [--sam ovseg-demo-sam]
+                         [--variant naclip] [--pamr-steps 10] ...   (every dense node parameter is an option)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..core.metrics import ConfusionMatrix, mask_iou
 from ..core.registry import load_clip
 from ..core.text_cache import TextEmbeddingCache
 from ..core.vocabulary import UNLABELLED, Vocabulary
+from ..parameters import add_setting_options, dense_config, settings_from_args
 from ..synth.world import HELD_OUT, STUFF, generate_scene, object_class_names, world_vocabulary
 
 EVAL_SEED_BASE = 900_000  # evaluation seeds never overlap training pools (those use seed * 1_000_003 + i)
@@ -141,29 +143,24 @@ TARGETS = {"dense_miou_seen": 0.60, "dense_miou_held_out": 0.45, "prompt_iou_poi
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="accuracy on the synthetic benchmark (dense and prompts)")
-    parser.add_argument("--clip", default="ovseg-demo-clip")
+    add_setting_options(parser)
     parser.add_argument("--sam", default="ovseg-demo-sam", help="empty: skip the prompt metrics")
     parser.add_argument("--scenes", type=int, default=100)
-    parser.add_argument("--variant", default="plain")
-    parser.add_argument("--selection", type=float, default=0.0, help="category selection tau; 0 disables")
-    parser.add_argument("--tag-validation", type=int, default=0)
-    parser.add_argument("--refinement", default="none")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--distractors", type=int, default=0, help="extra names that never occur (max 778)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    if args.refinement == "sam" and not args.sam:
+    values = settings_from_args(args)
+    config = dense_config(values)
+    if config.refinement == "sam" and not args.sam:
         parser.error("--refinement sam needs --sam")
-    config = DenseConfig(variant=args.variant, selection_threshold=args.selection, precision=args.precision,
-                         tag_validation_top_k=args.tag_validation, refinement=args.refinement)
-    segmenter = make_segmenter(args.clip, config)
+    segmenter = make_segmenter(values["clip_model"], config)
     prompter = None
     if args.sam:
         from ..core.prompt import PromptSegmenter
         from ..core.registry import load_sam
 
         prompter = PromptSegmenter(load_sam(args.sam), segmenter.encoder, cache_size=2)
-    results = {"clip": segmenter.encoder.model_id,
+    results = {"clip": segmenter.encoder.model_id, "preset": args.preset,
                **evaluate_dense(segmenter, args.scenes, distractors=args.distractors, prompter=prompter)}
     if prompter is not None:
         results.update(sam=args.sam, **evaluate_prompts(segmenter, prompter, args.scenes))

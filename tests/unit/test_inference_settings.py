@@ -213,3 +213,24 @@ def test_a_preset_on_a_640x480_frame_resizes_and_tiles_as_the_paper(encoder):
     result = segmenter.segment(generate_scene(2, size=(480, 640), split="eval").image,
                                segmenter.prepare(make_vocabulary(["grass", "sky"], ["imagenet80"])))
     assert result.labels.shape == (480, 640) and {"merge_upsample", "pamr"} <= set(result.timings_ms)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_selection_tag_validation_and_sam_refinement_compose_with_every_preset(encoder, preset):
+    """Each preset's inference settings (run on the demo CLIP) with DCS, tag validation and SAM refinement on."""
+    from ovseg_ros.core.prompt import PromptSegmenter
+    from ovseg_ros.core.registry import load_sam
+
+    values = preset_defaults(preset) | {"selection_threshold": 0.3, "tag_validation_top_k": 2, "refinement": "sam",
+                                        "pamr_steps": min(2, preset_defaults(preset)["pamr_steps"])}
+    segmenter = DenseSegmenter(encoder, TextEmbeddingCache(encoder.encode_text, encoder.model_id),
+                               dense_config(values))
+    prompter = PromptSegmenter(load_sam("ovseg-demo-sam"), encoder, cache_size=2)
+    scene = generate_scene(4, size=(96, 128), split="eval")
+    prepared = segmenter.prepare(make_vocabulary(["grass", "sky;heaven", "water", "red circle", "blue square"],
+                                                 values["prompt_templates"]))
+    result = segmenter.segment(scene.image, prepared)
+    assert 0 < len(result.selected_classes) <= 5 and "tag_validation" in result.timings_ms
+    prompter.add_frame((1, 0), scene.image, result.dense_features)
+    refined = prompter.refine_result((1, 0), result, prepared, 0.0)
+    assert refined.labels.shape == (96, 128) and set(refined.class_ids) <= set(range(5))

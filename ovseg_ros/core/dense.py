@@ -384,15 +384,17 @@ class DenseSegmenter:
         selected = self.select_categories(frame.global_emb, patch_logits, text)
         clock.lap("category_selection")
         size = image_rgb.shape[:2]
+        stage = {"merge_upsample": 0.0, "pamr": 0.0, "classify": 0.0}
         affinity = None
         if self.config.pamr_steps > 0:
+            tick = time.perf_counter()
             guide = torch.from_numpy(image_rgb).to(device).permute(2, 0, 1).float()
             affinity = PamrAffinity(guide, tuple(self.config.pamr_dilations))
+            stage["pamr"] += time.perf_counter() - tick
         grey = None
         if self.config.refinement == "guided":
             grey = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
         argmax = RunningArgmax()
-        stage = {"merge_upsample": 0.0, "pamr": 0.0, "classify": 0.0}
         chunk = self.config.class_chunk
         for start in range(0, len(selected), chunk):
             tick = time.perf_counter()

@@ -234,3 +234,19 @@ def test_selection_tag_validation_and_sam_refinement_compose_with_every_preset(e
     prompter.add_frame((1, 0), scene.image, result.dense_features)
     refined = prompter.refine_result((1, 0), result, prepared, 0.0)
     assert refined.labels.shape == (96, 128) and set(refined.class_ids) <= set(range(5))
+
+
+@pytest.mark.parametrize("arch", ["ovseg-demo-clip", "ViT-B-16-quickgelu"])
+def test_text_encoding_stops_at_the_end_of_text_token_without_changing_the_embedding(encoder, arch):
+    """The 80-template ensembles run the text tower only up to the last end-of-text token of the batch: the
+    embeddings equal open_clip's full-context encode_text (causal mask, pooled at end-of-text)."""
+    model_encoder = encoder if arch == "ovseg-demo-clip" else load_clip(arch)
+    names = ["cup", "traffic light"] + (["a long class name with several words in it"] if arch != "ovseg-demo-clip"
+                                        else [])  # the demo CLIP's context is 16 tokens
+    prompts = [template.format(name) for template in validate_templates(["imagenet80"])[:12] for name in names]
+    tokens = model_encoder.tokenizer(prompts)
+    with torch.inference_mode():
+        full = model_encoder.model.encode_text(tokens)
+        short = model_encoder._encode_tokens(tokens)
+    assert int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]  # there was padding to skip
+    assert (full - short).abs().max().item() <= 1e-5 * full.abs().max().item()

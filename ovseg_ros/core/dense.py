@@ -21,6 +21,7 @@ from .vocabulary import UNLABELLED, Vocabulary
 REFINEMENTS = ("none", "guided", "sam")  # "sam" is applied by the caller that owns SAM (PromptSegmenter)
 PRECISIONS = ("fp32", "bf16", "fp16")
 SYNONYM_MERGES = ("max", "mean")  # synonyms as separate queries (class probability = max), or one averaged query
+RESIZES = ("bilinear", "area")  # area: OpenCV INTER_AREA when shrinking (anti-aliased), bilinear when enlarging
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class DenseConfig:
     pamr_steps: int = 0  # PAMR iterations on the full-resolution scores; 0 = off
     pamr_dilations: tuple[int, ...] = DEFAULT_DILATIONS
     synonym_merge: str = "max"  # "max": each synonym its own query; "mean": one averaged query per class
+    resize: str = "bilinear"  # how the image is resized to the model input: "bilinear" (the papers) or "area"
     selection_threshold: float = 0.0  # DCS tau, relative to the best class; 0 disables category selection
     selection_patch_top_k: int = 6  # DCS patch level: classes in any patch's top-k join the candidates
     selection_min_classes: int = 1  # DCS never keeps fewer than this (best image-level scores)
@@ -70,6 +72,8 @@ class DenseConfig:
             raise ValueError("window_size, logit_scale and pamr_steps must be >= 0")
         if not self.pamr_dilations or any(int(d) < 1 for d in self.pamr_dilations):
             raise ValueError(f"pamr_dilations must be positive integers, got {list(self.pamr_dilations)}")
+        if self.resize not in RESIZES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {self.resize!r}")
         if self.synonym_merge not in SYNONYM_MERGES:
             raise ValueError(f"synonym_merge must be one of {', '.join(SYNONYM_MERGES)}, got {self.synonym_merge!r}")
 
@@ -218,9 +222,11 @@ class DenseSegmenter:
         return slide_windows(canvas, self.window_size(), self.config.window_stride)
 
     def preprocess(self, image_rgb: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 -> (1, 3, h, w) CLIP-normalised at the model input size (bilinear, as the papers)."""
+        """(H, W, 3) uint8 -> (1, 3, h, w) CLIP-normalised at the model input size (bilinear as the papers, or
+        area-averaged when shrinking)."""
         new_h, new_w = self.model_input_shape(*image_rgb.shape[:2])
-        resized = cv2.resize(image_rgb, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+        shrink = new_h < image_rgb.shape[0] and self.config.resize == "area"
+        resized = cv2.resize(image_rgb, (new_w, new_h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         tensor = torch.from_numpy(np.ascontiguousarray(resized)).to(self.encoder.device)
         tensor = tensor.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
         return self.encoder.normalise(tensor)

@@ -36,6 +36,7 @@ _CLEARCLIP = "ClearCLIP clearclip_segmentor.py / configs"
 _TEMPLATES = "prompts/imagenet_template.py (CLIP's 80 ImageNet templates)"
 _SYNONYMS = "get_cls_idx + postprocess_result: each synonym a query, class = max"
 _NO_DCS = "the papers have no category selection; DCS composes (selection_threshold > 0)"
+_RESIZE = "mmseg Resize: cv2 bilinear"
 _OPENAI_B16 = "OpenAI CLIP ViT-B/16, the backbone of the papers' ViT-B/16 tables"
 
 PRESETS: dict[str, Preset] = {
@@ -46,26 +47,27 @@ PRESETS: dict[str, Preset] = {
             {"clip_model": "clip-vit-b16-openai", "dense_variant": "naclip", "input_size": 336, "window_size": 224,
              "window_stride": 112, "logit_scale": 40.0, "score_threshold": 0.0, "pamr_steps": 10,
              "pamr_dilations": [8, 16], "prompt_templates": ["imagenet80"], "synonym_merge": "max",
-             "selection_threshold": 0.0},
+             "selection_threshold": 0.0, "resize_interpolation": "bilinear"},
             {"clip_model": _OPENAI_B16, "dense_variant": _NACLIP + " (arch reduced, attn naclip, std 5)",
              "input_size": "NACLIP configs: Resize (2048, 336) keep_ratio", "window_size": _NACLIP + " slide_crop",
              "window_stride": _NACLIP + " slide_stride", "logit_scale": _NACLIP, "score_threshold":
              "NACLIP prob_thd 0 (0.1 only with a background class)", "pamr_steps": _NACLIP,
              "pamr_dilations": _NACLIP + " pamr_stride", "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS,
-             "selection_threshold": _NO_DCS}),
+             "selection_threshold": _NO_DCS, "resize_interpolation": _RESIZE}),
         Preset(
             "sclip-vit-b16",
             "SCLIP on OpenAI ViT-B/16: correlative self-attention, 336 px, windows 224/112, no PAMR",
             {"clip_model": "clip-vit-b16-openai", "dense_variant": "sclip", "input_size": 336, "window_size": 224,
              "window_stride": 112, "logit_scale": 40.0, "score_threshold": 0.0, "pamr_steps": 0,
              "pamr_dilations": [8, 16], "prompt_templates": ["imagenet80"], "synonym_merge": "max",
-             "selection_threshold": 0.0},
+             "selection_threshold": 0.0, "resize_interpolation": "bilinear"},
             {"clip_model": _OPENAI_B16, "dense_variant": _SCLIP + " (csa=True, residual and MLP kept)",
              "input_size": "SCLIP configs: Resize (2048, 336) (448 for COCO-Stuff)", "window_size": _SCLIP,
              "window_stride": _SCLIP, "logit_scale": _SCLIP + " (50-65 on some sets)",
              "score_threshold": "SCLIP prob_thd 0 (0.1 only with a background class)",
              "pamr_steps": _SCLIP + " (pamr_steps 0; optional)", "pamr_dilations": _SCLIP,
-             "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS, "selection_threshold": _NO_DCS}),
+             "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS, "selection_threshold": _NO_DCS,
+             "resize_interpolation": _RESIZE}),
         Preset(
             "clearclip-vit-b16",
             "ClearCLIP on OpenAI ViT-B/16: query-query attention, no residual/FFN, 448 px, windows 448/224",
@@ -78,17 +80,19 @@ PRESETS: dict[str, Preset] = {
              "window_stride": _CLEARCLIP + " slide_stride", "logit_scale": _CLEARCLIP,
              "score_threshold": "ClearCLIP prob_thd 0 (0.15-0.5 only with a background class)",
              "pamr_steps": "ClearCLIP has no PAMR", "pamr_dilations": "unused",
-             "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS, "selection_threshold": _NO_DCS}),
+             "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS, "selection_threshold": _NO_DCS,
+             "resize_interpolation": _RESIZE}),
         Preset(
             "demo",
             "the project's demo CLIP on its synthetic world (the embedded demo and the tests' yardstick)",
             {"clip_model": "ovseg-demo-clip", "dense_variant": "plain", "input_size": 0, "window_size": 0,
              "window_stride": 0, "logit_scale": 0.0, "score_threshold": 0.0, "pamr_steps": 0,
              "pamr_dilations": [8, 16], "prompt_templates": ["default"], "synonym_merge": "max",
-             "selection_threshold": 0.3},
+             "selection_threshold": 0.3, "resize_interpolation": "area"},
             {"clip_model": "models/demo/ovseg-demo-clip.md", "dense_variant":
              "demo model card: trained on the plain tokens", "selection_threshold": "README accuracy figures",
-             "logit_scale": "the model's own (trained)"}),
+             "logit_scale": "the model's own (trained)",
+             "resize_interpolation": "README accuracy figures (area: +0.01 mIoU over bilinear at 224 -> 128)"}),
     )
 }
 

@@ -126,3 +126,22 @@ def test_speed_harness_prints_and_writes_every_available_backend(tmp_path, capsy
     assert all(row["fps"] > 0 and row["image_encoder"] > 0 for row in report["rows"])
     assert report["cameras"]["cameras"] == 2 and report["cameras"]["batched_ms"] > 0
     assert "2 cameras" in printed
+
+
+def test_speed_harness_times_each_presets_stages_after_the_tower(tmp_path):
+    """`ovseg-bench speed --preset a,b`: each preset's settings on the given model, with merge, PAMR and the
+    after-tower share per row."""
+    import json
+
+    from ovseg_ros.bench.speed import main
+
+    out = tmp_path / "speed.json"
+    assert main(["--clip", "ovseg-demo-vit", "--preset", "naclip-vit-b16,clearclip-vit-b16", "--sizes", "5",
+                 "--runs", "1", "--modes", "full,dcs", "--width", "160", "--height", "120", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["preset"], r["mode"]) for r in rows] == [("naclip-vit-b16", "full"), ("naclip-vit-b16", "dcs"),
+                                                        ("clearclip-vit-b16", "full"), ("clearclip-vit-b16", "dcs")]
+    naclip, clearclip = rows[0], rows[2]
+    assert naclip["windows"] == 6 and naclip["pamr"] > 0 and naclip["merge_upsample"] > 0  # 160x120 -> 448x336
+    assert clearclip["windows"] == 2 and "pamr" not in clearclip  # 597x448: two 448 windows, no PAMR
+    assert all(0 < r["after_tower_ms"] < r["total_ms"] and r["after_tower_fraction"] > 0 for r in rows)

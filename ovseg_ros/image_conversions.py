@@ -6,6 +6,7 @@ Every failure raises ImageError with a message that says what was wrong, so the 
 from __future__ import annotations
 
 import array as pyarray
+import struct
 
 import cv2
 import numpy as np
@@ -62,12 +63,54 @@ def compressed_to_rgb(msg: CompressedImage, max_pixels: int = MAX_PIXELS) -> np.
     if len(msg.data) == 0:
         raise ImageError("compressed image has no data")
     raw = as_uint8_buffer(msg.data)
+    size = encoded_size(raw.tobytes()[:MAX_HEADER_BYTES])
+    if size is None:
+        raise ImageError(f"no image size in the {msg.format} header ({len(msg.data)} bytes): corrupt or not "
+                         "a PNG/JPEG stream")
+    if size[0] * size[1] > max_pixels:  # refused before decoding: a small file can declare a huge image
+        raise ImageError(f"{msg.format} image declares {size[0]}x{size[1]}, which exceeds the limit of {max_pixels} "
+                         "pixels")
     decoded = cv2.imdecode(raw, cv2.IMREAD_COLOR)
     if decoded is None:
         raise ImageError(f"could not decode the {msg.format} data ({len(msg.data)} bytes): corrupt or truncated")
     if decoded.shape[0] * decoded.shape[1] > max_pixels:
         raise ImageError(f"decoded image {decoded.shape[1]}x{decoded.shape[0]} exceeds {max_pixels} pixels")
     return np.ascontiguousarray(cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB))
+
+
+MAX_HEADER_BYTES = 1 << 20  # JPEG metadata (EXIF, ICC) before the frame header rarely exceeds a few tens of KB
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15 (not DHT, JPG, DAC)
+
+
+def encoded_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a PNG or JPEG stream declares in its header, without decoding; None if not found."""
+    if data.startswith(_PNG_SIGNATURE) and len(data) >= 24 and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return width, height
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2:pos + 4])
+        if marker in _JPEG_FRAME_MARKERS:
+            if pos + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            return width, height
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
 
 
 def rgb_to_image(array: np.ndarray, header, encoding: str = "rgb8") -> Image:

@@ -23,6 +23,7 @@ from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from geometry_msgs.msg import Point, Vector3  # noqa: E402
 from rcl_interfaces.msg import SetParametersResult  # noqa: E402
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup  # noqa: E402
+from rclpy.exceptions import ParameterException  # noqa: E402
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor  # noqa: E402
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn  # noqa: E402
 from rclpy.qos import (  # noqa: E402
@@ -89,20 +90,14 @@ class OvsegNode(LifecycleNode):
 
     def __init__(self, **kwargs) -> None:
         super().__init__("ovseg", **kwargs)
-        # The preset first: it sets the other parameters' defaults, which values given explicitly override.
-        preset_spec = SPEC_BY_NAME["preset"]
-        self.preset = self.declare_parameter(preset_spec.name, preset_spec.default, preset_spec.descriptor()).value
-        self.preset_error = preset_spec.check(self.preset)
-        defaults = preset_defaults(preset_spec.default if self.preset_error else self.preset)
-        for spec in SPECS:
-            if spec.name != "preset":
-                self.declare_parameter(spec.name, defaults[spec.name], spec.descriptor())
+        self.startup_error = self._declare_parameters()
         self.add_on_set_parameters_callback(self._on_set_parameters)
         self.cameras: list[Camera] = []
         self.limits = VocabularyLimits(max_classes=self.get_parameter("max_classes").value,
                                        max_name_length=self.get_parameter("max_name_length").value)
         self.segmenter: DenseSegmenter | None = None
         self.prompter: PromptSegmenter | None = None
+        self.request_prompter: PromptSegmenter | None = None
         self._prepared: PreparedVocabulary | None = None
         self._vocab_lock = threading.Lock()  # serialises changes; readers just take the reference
         self._slot_cond = threading.Condition()  # guards every camera's slot
@@ -115,8 +110,8 @@ class OvsegNode(LifecycleNode):
         self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0, self._publish_diagnostics)
         self.configure_failed = False
-        if self.preset_error:
-            self.get_logger().fatal(f"configure failed: {self.preset_error}")
+        if self.startup_error:
+            self.get_logger().fatal(f"configure failed: {self.startup_error}")
             self.configure_failed = True
         elif self.get_parameter("autostart").value:
             if self.trigger_configure() != TransitionCallbackReturn.SUCCESS:
@@ -125,9 +120,35 @@ class OvsegNode(LifecycleNode):
                 self.trigger_activate()
 
     # ------------------------------------------------------------------ lifecycle
+    def _declare_parameters(self) -> str | None:
+        """Declare every parameter, the preset's values as defaults (so values given explicitly override them).
+        Returns the first problem with a given value (wrong type, out of range, not a choice): configure then
+        fails with that one reason instead of a traceback."""
+        problems: list[str] = []
+
+        def declare(spec, default):
+            try:
+                return self.declare_parameter(spec.name, default, spec.descriptor()).value
+            except ParameterException as exc:
+                problems.append(f"parameter {spec.name}: {exc}")
+                return self.declare_parameter(spec.name, default, spec.descriptor(), ignore_override=True).value
+
+        preset_spec = SPEC_BY_NAME["preset"]
+        self.preset = declare(preset_spec, preset_spec.default)
+        if preset_spec.check(self.preset):
+            problems.append(preset_spec.check(self.preset))
+            self.preset = preset_spec.default
+        defaults = preset_defaults(self.preset)
+        for spec in SPECS:
+            if spec.name != "preset":
+                reason = spec.check(declare(spec, defaults[spec.name]))
+                if reason:
+                    problems.append(reason)
+        return problems[0] if problems else None
+
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
-        if self.preset_error:
-            self.get_logger().fatal(f"configure failed: {self.preset_error}")
+        if self.startup_error:
+            self.get_logger().fatal(f"configure failed: {self.startup_error}")
             return TransitionCallbackReturn.FAILURE
         try:
             self.cameras = [Camera(name) for name in parse_camera_names(self.get_parameter("cameras").value)]
@@ -140,10 +161,16 @@ class OvsegNode(LifecycleNode):
             self.get_logger().fatal(f"configure failed: {exc}")
             self._release_models()
             return TransitionCallbackReturn.FAILURE
+        except Exception as exc:  # anything else (a cache folder that cannot be made, ...): still one line, why
+            self.get_logger().fatal(f"configure failed: {type(exc).__name__}: {exc}")
+            self._release_models()
+            return TransitionCallbackReturn.FAILURE
         if self.prompter is not None:  # one SAM and one CLIP; a frame cache per camera
             self.cameras[0].prompter = self.prompter
             for camera in self.cameras[1:]:
                 camera.prompter = self.prompter.for_another_camera()
+            # Images that prompt requests bring get a cache of their own: never mixed with a camera's frames.
+            self.request_prompter = self.prompter.for_another_camera()
         self._setup_publishers()
         self._setup_services()
         if self.get_parameter("use_depth").value:
@@ -199,7 +226,7 @@ class OvsegNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _release_models(self) -> None:
-        self.segmenter = self.prompter = None
+        self.segmenter = self.prompter = self.request_prompter = None
         self._prepared = None
         gc.collect()
         if torch.cuda.is_available():
@@ -228,7 +255,8 @@ class OvsegNode(LifecycleNode):
                                        f"from {path}")
                 return vocabulary
             except VocabularyError as exc:
-                self.get_logger().error(f"{exc}; using the `vocabulary` parameter instead")
+                aside = set_aside(path)
+                self.get_logger().warning(f"{exc}; moved it to {aside} and using the `vocabulary` parameter instead")
         return make_vocabulary(list(self.get_parameter("vocabulary").value),
                                list(self.get_parameter("prompt_templates").value), limits=self.limits)
 
@@ -255,8 +283,6 @@ class OvsegNode(LifecycleNode):
 
     def effective_settings(self) -> str:
         """The dense settings in force, each marked with '*' where it differs from the preset's value."""
-        if self.preset_error:
-            return ""
         preset = preset_defaults(self.preset)
         parts = []
         for name in ["clip_model", *sorted(DENSE_PARAMETERS)]:
@@ -330,15 +356,15 @@ class OvsegNode(LifecycleNode):
         services = MutuallyExclusiveCallbackGroup()  # text encoding never blocks the image callback
         self._configured_entities += [
             ("service", self.create_service(SetVocabulary, "set_vocabulary", self._on_set_vocabulary,
-                                            callback_group=services)),
+                                            qos_profile=SERVICE_QOS, callback_group=services)),
             ("service", self.create_service(GetVocabulary, "get_vocabulary", self._on_get_vocabulary,
-                                            callback_group=services)),
+                                            qos_profile=SERVICE_QOS, callback_group=services)),
         ]
         if self.prompter is not None:
             prompts_group = MutuallyExclusiveCallbackGroup()
             self._configured_entities += [
                 ("service", self.create_service(SegmentPrompt, "segment_prompt", self._on_segment_prompt,
-                                                callback_group=prompts_group)),
+                                                qos_profile=SERVICE_QOS, callback_group=prompts_group)),
                 ("subscription", self.create_subscription(PromptQuery, "prompt", self._on_prompt_topic, 10,
                                                           callback_group=prompts_group)),
             ]
@@ -356,7 +382,11 @@ class OvsegNode(LifecycleNode):
         return response
 
     def _on_get_vocabulary(self, request: GetVocabulary.Request, response: GetVocabulary.Response):
-        vocabulary = self._prepared.vocabulary
+        prepared = self._prepared
+        if prepared is None:  # shut down or cleaned up: an empty answer (version 0), never a crash
+            self.get_logger().warning("get_vocabulary while no model is configured: answered empty, version 0")
+            return response
+        vocabulary = prepared.vocabulary
         response.labels = list(vocabulary.labels)
         response.prompt_templates = list(vocabulary.templates)
         response.vocabulary_version = vocabulary.version
@@ -365,31 +395,38 @@ class OvsegNode(LifecycleNode):
     def set_vocabulary(self, labels, templates) -> tuple[bool, str, int]:
         """Validate, embed, swap. Returns (success, message, current version); never raises."""
         with self._vocab_lock:
-            current = self._prepared
+            current, segmenter = self._prepared, self.segmenter
+            if current is None or segmenter is None:
+                return False, "no model is configured (the node is unconfigured or shutting down)", 0
             try:
                 vocabulary = make_vocabulary(labels, templates, previous=current.vocabulary, limits=self.limits)
-                prepared = self.segmenter.prepare(vocabulary)
+                prepared = segmenter.prepare(vocabulary)
             except VocabularyError as exc:
                 self.get_logger().warning(f"set_vocabulary refused: {exc}")
                 return False, str(exc), current.version
             except Exception as exc:  # text encoding failure must not take the node down
                 self.get_logger().error(f"set_vocabulary failed while embedding: {exc!r}")
                 return False, f"embedding the vocabulary failed: {exc}", current.version
+            problem = self._persist(vocabulary)  # first: a change that cannot be kept is not made
+            if problem:
+                self.get_logger().error(f"set_vocabulary refused: {problem}")
+                return False, problem, current.version
             self._prepared = prepared
-            self._persist(vocabulary)
         self._publish_label_info()
         message = f"vocabulary v{vocabulary.version}: {len(vocabulary)} classes"
         self.get_logger().info(message)
         return True, message, vocabulary.version
 
-    def _persist(self, vocabulary: Vocabulary) -> None:
+    def _persist(self, vocabulary: Vocabulary) -> str | None:
+        """Save to vocabulary_file (atomically); the reason if it cannot be saved, else None."""
         path = self.get_parameter("vocabulary_file").value
         if not path:
-            return
+            return None
         try:
-            save_vocabulary(vocabulary, path)
-        except OSError as exc:  # the change itself succeeded; say that persistence did not
-            self.get_logger().error(f"could not save the vocabulary to {path}: {exc}")
+            save_vocabulary(vocabulary, os.path.expanduser(path))
+        except OSError as exc:
+            return f"cannot save the vocabulary to {path} ({exc}); the vocabulary in force is unchanged"
+        return None
 
     def _on_set_parameters(self, params) -> SetParametersResult:
         """Refuse unknown choices and out-of-range values with a reason; apply dense settings atomically."""
@@ -570,11 +607,12 @@ class OvsegNode(LifecycleNode):
                                        limits=self.limits)
             prepared = self.segmenter.prepare(override)
             version = 0
-        if request.image.height > 0:
-            rgb = image_to_rgb(request.image)
+        own_image = request.image.height > 0
+        if own_image:  # the client's image, in a cache of its own: never a camera's frame or its depth
+            prompter = self.request_prompter
+            rgb = image_to_rgb(request.image, int(self.get_parameter("max_image_pixels").value))
             key = (request.image.header.stamp.sec, request.image.header.stamp.nanosec)
             prompter.add_frame(key, rgb, self.segmenter.frame_features(rgb))
-            camera.remember(key, request.image.header, None, prompter.cache_size)
         else:
             key = (request.stamp.sec, request.stamp.nanosec)
             key = None if key == (0, 0) else key
@@ -583,7 +621,7 @@ class OvsegNode(LifecycleNode):
         prompts = prompts_from_request(request, height, width)
         frame, answers = prompter.query(cached.key, prompts, prepared, multimask=request.multimask,
                                         crop_fusion=request.crop_fusion)
-        header = camera.headers.get(frame.key)
+        header = camera.headers.get(frame.key) if not own_image else None
         if header is None:
             header = request.image.header
         response.header = header
@@ -596,7 +634,7 @@ class OvsegNode(LifecycleNode):
         response.top_k = len(answers[0].labels)
         response.top_labels = [name for a in answers for name in a.labels]
         response.top_scores = [score for a in answers for score in a.label_scores]
-        paired = camera.depth_frames.get(frame.key)
+        paired = None if own_image else camera.depth_frames.get(frame.key)
         if paired is not None:
             response.depth_frame_id = paired.frame_id or header.frame_id
             for answer in answers:
@@ -661,6 +699,22 @@ class OvsegNode(LifecycleNode):
 
     def stop(self) -> None:
         self._stop_worker()
+
+
+# Services answer every caller: requests queue (reliable, up to 100 waiting) while one is being served; rclpy's
+# default keeps 10 and lets the rest go unanswered under a burst of callers.
+SERVICE_QOS = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.VOLATILE)
+
+
+def set_aside(path: str) -> str:
+    """Rename a state file that cannot be used to PATH.bad-<time>, so the next start does not trip over it."""
+    aside = f"{path}.bad-{time.strftime('%Y%m%dT%H%M%S')}"
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        return f"(could not move it: {exc})"
+    return aside
 
 
 def segmentation_msg(header, labels, version: int, ids, names, scores, areas,

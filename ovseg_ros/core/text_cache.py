@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -25,10 +26,14 @@ class TextEmbeddingCache:
     A label with synonyms ("sofa;couch") averages over all synonyms x templates.
     """
 
-    def __init__(self, encode_text, model_id: str, cache_dir: str | Path | None = None) -> None:
+    def __init__(self, encode_text, model_id: str, cache_dir: str | Path | None = None,
+                 max_entries: int = 10_000) -> None:
+        """max_entries bounds the memory cache (least recently used names are dropped; ~2 KB each for
+        ViT-B/16), so a long-running node that sees ever new names does not grow without end."""
         self._encode_text = encode_text
         self.model_id = model_id
-        self._memory: dict[tuple[str, str, str], torch.Tensor] = {}
+        self.max_entries = max_entries
+        self._memory: OrderedDict[tuple[str, str, str], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.computed = 0  # labels embedded by the model (not served from a cache), for tests and diagnostics
@@ -74,12 +79,17 @@ class TextEmbeddingCache:
                     if lbl in from_disk:
                         self._memory[(self.model_id, tkey, lbl)] = from_disk[lbl]
                         missing.remove(lbl)
-            if missing:
-                fresh = self._compute(missing, templates)
-                for lbl, emb in fresh.items():
-                    self._memory[(self.model_id, tkey, lbl)] = emb
+            fresh = self._compute(missing, templates) if missing else {}
+            for lbl, emb in fresh.items():
+                self._memory[(self.model_id, tkey, lbl)] = emb
+            if fresh:
                 self._save_disk(tkey, fresh)
-            return torch.stack([self._memory[(self.model_id, tkey, lbl)] for lbl in labels])
+            out = torch.stack([self._memory[(self.model_id, tkey, lbl)] for lbl in labels])
+            for lbl in labels:  # most recently used last; the oldest beyond the bound are dropped
+                self._memory.move_to_end((self.model_id, tkey, lbl))
+            while len(self._memory) > self.max_entries:
+                self._memory.popitem(last=False)
+            return out
 
     def embed_vocabulary(self, vocabulary: Vocabulary) -> torch.Tensor:
         return self.embed(vocabulary.labels, vocabulary.templates)

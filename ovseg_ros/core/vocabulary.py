@@ -13,6 +13,12 @@ from .templates import DEFAULT_TEMPLATES, TEMPLATE_SETS, expand_template_sets
 
 UNLABELLED = 65535
 SYNONYM_SEPARATOR = ";"
+MAX_VERSION = 2**32 - 1  # vocabulary_version is a uint32 in every message; 0 means "a per-request vocabulary"
+
+
+def next_version(version: int) -> int:
+    """The version after `version`: wraps from 2^32 - 1 to 1, never to 0 (which means per-request)."""
+    return version + 1 if version < MAX_VERSION else 1
 
 
 class VocabularyError(ValueError):
@@ -137,7 +143,7 @@ def make_vocabulary(
         clean_templates = previous.templates if previous is not None else DEFAULT_TEMPLATES
     else:
         clean_templates = validate_templates(templates, limits)
-    version = previous.version + 1 if previous is not None else 1
+    version = next_version(previous.version) if previous is not None else 1
     return Vocabulary(labels=clean_labels, templates=clean_templates, version=version)
 
 
@@ -164,7 +170,9 @@ def load_vocabulary(path: str, limits: VocabularyLimits = VocabularyLimits()) ->
             data = json.load(handle)
         labels = validate_labels(data["labels"], limits)
         templates = validate_templates(data["prompt_templates"], limits)
-        version = int(data["vocabulary_version"])
+        version = data["vocabulary_version"]
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+            raise ValueError(f"vocabulary_version must be an integer in [1, {MAX_VERSION}], got {version!r}")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VocabularyError(f"cannot restore the vocabulary from {path}: {exc}") from exc
-    return Vocabulary(labels=labels, templates=templates, version=max(1, version))
+    return Vocabulary(labels=labels, templates=templates, version=version)

@@ -19,6 +19,8 @@ from sensor_msgs.msg import Image
 from ovseg_interfaces.msg import LabelInfo, Segmentation
 from ovseg_interfaces.srv import GetVocabulary, SetVocabulary
 
+from .qos import SERVICE_QOS
+
 OUTPUT_TOPICS = {"labels": Image, "segmentation": Segmentation, "overlay": Image}
 
 
@@ -41,8 +43,8 @@ class OvsegClient:
         latched = QoSProfile(depth=1, history=HistoryPolicy.KEEP_LAST, durability=DurabilityPolicy.TRANSIENT_LOCAL,
                              reliability=ReliabilityPolicy.RELIABLE)
         self._subscribe(prefix + "label_info", "label_info", LabelInfo, latched, keep)
-        self.set_client = self.node.create_client(SetVocabulary, prefix + "set_vocabulary")
-        self.get_client = self.node.create_client(GetVocabulary, prefix + "get_vocabulary")
+        self.set_client = self.node.create_client(SetVocabulary, prefix + "set_vocabulary", qos_profile=SERVICE_QOS)
+        self.get_client = self.node.create_client(GetVocabulary, prefix + "get_vocabulary", qos_profile=SERVICE_QOS)
         self._executor = SingleThreadedExecutor()
         self._executor.add_node(self.node)
         self._thread = threading.Thread(target=self._spin, daemon=True)

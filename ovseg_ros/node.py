@@ -78,6 +78,7 @@ from .parameters import (  # noqa: E402
     preset_defaults,
 )
 from .prompt_requests import prompts_from_request  # noqa: E402
+from .qos import SERVICE_QOS  # noqa: E402
 
 
 class OvsegNode(LifecycleNode):
@@ -97,7 +98,7 @@ class OvsegNode(LifecycleNode):
                                        max_name_length=self.get_parameter("max_name_length").value)
         self.segmenter: DenseSegmenter | None = None
         self.prompter: PromptSegmenter | None = None
-        self.request_prompter: PromptSegmenter | None = None
+        self.requests = Camera("requests")  # the prompt frame cache of images sent with requests
         self._prepared: PreparedVocabulary | None = None
         self._vocab_lock = threading.Lock()  # serialises changes; readers just take the reference
         self._slot_cond = threading.Condition()  # guards every camera's slot
@@ -154,6 +155,7 @@ class OvsegNode(LifecycleNode):
             self.cameras = [Camera(name) for name in parse_camera_names(self.get_parameter("cameras").value)]
             self.segmenter = self._load_segmenter()
             self.prompter = self._load_prompter()
+            self._check_refinement(self.segmenter.config)
             vocabulary = self._initial_vocabulary()
             self._prepared = self.segmenter.prepare(vocabulary)
             self._warm_up()
@@ -170,7 +172,7 @@ class OvsegNode(LifecycleNode):
             for camera in self.cameras[1:]:
                 camera.prompter = self.prompter.for_another_camera()
             # Images that prompt requests bring get a cache of their own: never mixed with a camera's frames.
-            self.request_prompter = self.prompter.for_another_camera()
+            self.requests = Camera("requests", prompter=self.prompter.for_another_camera())
         self._setup_publishers()
         self._setup_services()
         if self.get_parameter("use_depth").value:
@@ -226,7 +228,8 @@ class OvsegNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def _release_models(self) -> None:
-        self.segmenter = self.prompter = self.request_prompter = None
+        self.segmenter = self.prompter = None
+        self.requests = Camera("requests")
         self._prepared = None
         gc.collect()
         if torch.cuda.is_available():
@@ -280,6 +283,10 @@ class OvsegNode(LifecycleNode):
     def _dense_config(self, changes: dict) -> DenseConfig:
         return dense_config({name: changes[name] if name in changes else self.get_parameter(name).value
                              for name in DENSE_PARAMETERS})
+
+    def _check_refinement(self, config: DenseConfig) -> None:
+        if config.refinement == "sam" and self.prompter is None:
+            raise ValueError("refinement 'sam' refines the dense labels with SAM and needs sam_model (it is empty)")
 
     def effective_settings(self) -> str:
         """The dense settings in force, each marked with '*' where it differs from the preset's value."""
@@ -442,6 +449,7 @@ class OvsegNode(LifecycleNode):
         if self.segmenter is not None and DENSE_PARAMETERS & set(changes):
             try:
                 config = self._dense_config(changes)
+                self._check_refinement(config)
             except ValueError as exc:
                 return SetParametersResult(successful=False, reason=str(exc))
             self.segmenter.config = config  # one reference swap: a frame uses one config throughout
@@ -517,8 +525,8 @@ class OvsegNode(LifecycleNode):
         key = (stamp.sec, stamp.nanosec)
         if camera.prompter is not None:
             camera.prompter.add_frame(key, rgb, result.dense_features)
-            if self.segmenter.config.refinement == "sam":
-                result = camera.prompter.refine_result(key, result, prepared, self.segmenter.config.score_threshold)
+            if result.config.refinement == "sam":  # the frame's own settings snapshot, not the current ones
+                result = camera.prompter.refine_result(key, result, prepared, result.config.score_threshold)
         self._publish(camera, frame.msg.header, rgb, result, prepared)
         paired = self._publish_3d(camera, frame.msg.header, rgb, result, prepared) if camera.depth else None
         if camera.prompter is not None:
@@ -599,7 +607,6 @@ class OvsegNode(LifecycleNode):
 
     def _answer_prompt(self, request: SegmentPrompt.Request, response: SegmentPrompt.Response) -> None:
         camera = self._camera_named(request.camera)
-        prompter = camera.prompter
         prepared = self._prepared
         version = prepared.version
         if len(request.vocabulary):
@@ -607,21 +614,23 @@ class OvsegNode(LifecycleNode):
                                        limits=self.limits)
             prepared = self.segmenter.prepare(override)
             version = 0
-        own_image = request.image.height > 0
-        if own_image:  # the client's image, in a cache of its own: never a camera's frame or its depth
-            prompter = self.request_prompter
+        if request.image.height > 0:  # the client's image, in a cache of its own: never a camera's frame
+            source = self.requests
             rgb = image_to_rgb(request.image, int(self.get_parameter("max_image_pixels").value))
             key = (request.image.header.stamp.sec, request.image.header.stamp.nanosec)
-            prompter.add_frame(key, rgb, self.segmenter.frame_features(rgb))
+            source.prompter.add_frame(key, rgb, self.segmenter.frame_features(rgb))
+            source.remember(key, request.image.header, None, source.prompter.cache_size)
         else:
             key = (request.stamp.sec, request.stamp.nanosec)
             key = None if key == (0, 0) else key
+            source = self._frame_source(camera, key)
+        prompter = source.prompter
         cached = prompter.frame(key)
         height, width = cached.image.shape[:2]
         prompts = prompts_from_request(request, height, width)
         frame, answers = prompter.query(cached.key, prompts, prepared, multimask=request.multimask,
                                         crop_fusion=request.crop_fusion)
-        header = camera.headers.get(frame.key) if not own_image else None
+        header = source.headers.get(frame.key)
         if header is None:
             header = request.image.header
         response.header = header
@@ -634,7 +643,7 @@ class OvsegNode(LifecycleNode):
         response.top_k = len(answers[0].labels)
         response.top_labels = [name for a in answers for name in a.labels]
         response.top_scores = [score for a in answers for score in a.label_scores]
-        paired = None if own_image else camera.depth_frames.get(frame.key)
+        paired = source.depth_frames.get(frame.key)  # never any for a client's image
         if paired is not None:
             response.depth_frame_id = paired.frame_id or header.frame_id
             for answer in answers:
@@ -649,6 +658,17 @@ class OvsegNode(LifecycleNode):
         if self.get_parameter("publish_overlay").value:
             overlay = draw_prompt_answers(frame.image, answers, prompts)
             camera.publishers["overlay"].publish(rgb_to_image(overlay, header))
+
+    def _frame_source(self, camera: Camera, key: tuple[int, int] | None) -> Camera:
+        """Where a by-stamp prompt finds its frame: the camera's frames first, then images sent with earlier
+        requests (kept apart, so a client's image never stands in for a camera frame with the same stamp).
+        Stamp zero means the camera's newest frame, or the newest sent image while the camera has none."""
+        own, sent = camera.prompter.cached_keys(), self.requests.prompter.cached_keys()
+        if key is None:
+            return camera if own or not sent else self.requests
+        if key in own:
+            return camera
+        return self.requests if key in sent or not own else camera
 
     def _publish_everything(self, camera: Camera, header, prepared: PreparedVocabulary) -> None:
         key = (header.stamp.sec, header.stamp.nanosec)
@@ -699,12 +719,6 @@ class OvsegNode(LifecycleNode):
 
     def stop(self) -> None:
         self._stop_worker()
-
-
-# Services answer every caller: requests queue (reliable, up to 100 waiting) while one is being served; rclpy's
-# default keeps 10 and lets the rest go unanswered under a burst of callers.
-SERVICE_QOS = QoSProfile(depth=100, history=HistoryPolicy.KEEP_LAST, reliability=ReliabilityPolicy.RELIABLE,
-                         durability=DurabilityPolicy.VOLATILE)
 
 
 def set_aside(path: str) -> str:

@@ -118,13 +118,16 @@ def test_every_simultaneous_caller_is_answered_and_a_failed_save_is_reported(tmp
     client = make_client("/hostile_callers")
     try:
         assert client.wait_ready(60), proc.output()
+        callers = [client] + [make_client("/hostile_callers") for _ in range(11)]
+        assert all(c.wait_ready(30) for c in callers)
         futures = []
-        for i in range(60):
+        for i in range(60):  # 12 callers, 5 requests each, all at once
+            caller = callers[i % len(callers)]
             if i % 3 == 0:
                 request = SetVocabulary.Request(labels=["grass", "sky", f"thing {i}"])
-                futures.append(client.set_client.call_async(request))
+                futures.append(caller.set_client.call_async(request))
             else:
-                futures.append(client.get_client.call_async(GetVocabulary.Request()))
+                futures.append(caller.get_client.call_async(GetVocabulary.Request()))
         assert wait_until(lambda: all(f.done() for f in futures), 120), \
             f"{sum(f.done() for f in futures)} of {len(futures)} answered"
         assert all(f.result() is not None for f in futures)

@@ -62,9 +62,9 @@ def evaluate_dense(clip: str | DenseSegmenter, scenes: int = 100, size: int | tu
         scene = generate_scene(seed_base + i, size=size, split="eval")
         start = time.perf_counter()
         result = segmenter.segment(scene.image, prepared)
-        if segmenter.config.refinement == "sam" and prompter is not None:
+        if result.config.refinement == "sam" and prompter is not None:
             prompter.add_frame((i, 1), scene.image, result.dense_features)
-            result = prompter.refine_result((i, 1), result, prepared, segmenter.config.score_threshold)
+            result = prompter.refine_result((i, 1), result, prepared, result.config.score_threshold)
         times.append(time.perf_counter() - start)
         kept.append(len(result.selected_classes))
         predicted = result.labels.copy()

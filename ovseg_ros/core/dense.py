@@ -5,6 +5,8 @@ ROS-free: the node, the command-line tool, the benchmarks and the tests all driv
 
 from __future__ import annotations
 
+import copy
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -139,6 +141,7 @@ class SegmentationResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
     dense_features: torch.Tensor | None = None  # (h, w, D) CLIP features, reused by prompt queries on this frame
     selected_classes: list[int] = field(default_factory=list)  # classes kept by category selection
+    config: DenseConfig | None = None  # the one settings snapshot this result was computed with
 
     @property
     def inference_ms(self) -> float:
@@ -165,17 +168,30 @@ class DenseSegmenter:
         self.config = config
         self.backend = backend
         self.engine_cache_dir = engine_cache_dir
-        self._runner = None
+        # Shared by every snapshot (`with_config`): backends built once per (variant, precision).
+        self._runners: dict[tuple[str, str], object] = {}
+        self._runners_lock = threading.Lock()
+        self._active: list = [None]
+
+    def with_config(self, config: DenseConfig) -> DenseSegmenter:
+        """This segmenter frozen to one settings snapshot (same models, text cache and backends): a batch runs
+        on one, so a parameter change in the middle of a frame never mixes two configurations."""
+        snapshot = copy.copy(self)
+        snapshot.config = config
+        return snapshot
 
     def runner(self):
-        """The backend running the image tower; rebuilt when the dense variant changes."""
+        """The backend running the image tower for this configuration's variant and precision (built once)."""
         from .backends import make_runner
 
-        runner = self._runner
-        if runner is None or runner.tower.variant != self.config.variant:
-            runner = make_runner(self.encoder, self.config.variant, self.backend, self.config.precision,
-                                 self.engine_cache_dir)
-            self._runner = runner
+        key = (self.config.variant, self.config.precision)
+        with self._runners_lock:
+            runner = self._runners.get(key)
+            if runner is None:
+                runner = make_runner(self.encoder, self.config.variant, self.backend, self.config.precision,
+                                     self.engine_cache_dir)
+                self._runners[key] = runner
+            self._active[0] = runner
         return runner
 
     def prepare(self, vocabulary: Vocabulary) -> PreparedVocabulary:
@@ -234,12 +250,13 @@ class DenseSegmenter:
     @property
     def active_runner(self):
         """The backend in use, without building one (None before the first frame); for status reports."""
-        return self._runner
+        return self._active[0]
 
     @torch.inference_mode()
     def frame_features(self, image_rgb: np.ndarray) -> torch.Tensor:
         """(h, w, D) dense features of an image exactly as `segment` computes them (same backend, size, variant)."""
-        return self.encode(self.preprocess(image_rgb))[0].grid
+        frozen = self.with_config(self.config)
+        return frozen.encode(frozen.preprocess(image_rgb))[0].grid
 
     def run_tower(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) normalised -> (global (B, D), dense (B, h, w, D)), at most MAX_BATCH per pass."""
@@ -342,7 +359,11 @@ class DenseSegmenter:
     def segment_batch(self, images_rgb: list[np.ndarray], prepared: PreparedVocabulary) -> list[SegmentationResult]:
         """Segment several images (e.g. one frame per camera) with one image-tower pass per input shape: the
         tower dominates the cost and a batch uses the accelerator better than a pass per image. Everything after
-        the tower runs per image; each result's `image_encoder` time is its batch's."""
+        the tower runs per image; each result's `image_encoder` time is its batch's. The configuration is read
+        once: every result carries the one snapshot it was computed with (`result.config`)."""
+        return self.with_config(self.config)._segment_batch(images_rgb, prepared)
+
+    def _segment_batch(self, images_rgb: list[np.ndarray], prepared: PreparedVocabulary) -> list[SegmentationResult]:
         for image_rgb in images_rgb:
             if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
                 raise ValueError(f"expected an (H, W, 3) uint8 RGB image, got {image_rgb.shape} {image_rgb.dtype}")
@@ -430,6 +451,7 @@ class DenseSegmenter:
         result.timings_ms = timings
         result.dense_features = frame.grid
         result.selected_classes = sorted({int(c) for c in prepared.query_class_index[selected.cpu()]})
+        result.config = self.config
         return result
 
 
@@ -531,6 +553,7 @@ def relabel(result: SegmentationResult, labels: np.ndarray, prepared: PreparedVo
     refined.timings_ms = result.timings_ms
     refined.dense_features = result.dense_features
     refined.selected_classes = result.selected_classes
+    refined.config = result.config
     return refined
 
 

@@ -39,49 +39,45 @@ _NO_DCS = "the papers have no category selection; DCS composes (selection_thresh
 _RESIZE = "mmseg Resize: cv2 bilinear"
 _OPENAI_B16 = "OpenAI CLIP ViT-B/16, the backbone of the papers' ViT-B/16 tables"
 
+# What the three papers' presets share, and where each value comes from.
+_PAPERS = {"clip_model": "clip-vit-b16-openai", "score_threshold": 0.0, "pamr_dilations": [8, 16],
+           "prompt_templates": ["imagenet80"], "synonym_merge": "max", "selection_threshold": 0.0,
+           "resize_interpolation": "bilinear"}
+_PAPERS_SOURCES = {"clip_model": _OPENAI_B16, "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS,
+                   "selection_threshold": _NO_DCS, "resize_interpolation": _RESIZE}
+
 PRESETS: dict[str, Preset] = {
     preset.name: preset for preset in (
         Preset(
             "naclip-vit-b16",
             "NACLIP on OpenAI ViT-B/16: neighbourhood attention, reduced last block, 336 px, windows 224/112, PAMR",
-            {"clip_model": "clip-vit-b16-openai", "dense_variant": "naclip", "input_size": 336, "window_size": 224,
-             "window_stride": 112, "logit_scale": 40.0, "score_threshold": 0.0, "pamr_steps": 10,
-             "pamr_dilations": [8, 16], "prompt_templates": ["imagenet80"], "synonym_merge": "max",
-             "selection_threshold": 0.0, "resize_interpolation": "bilinear"},
-            {"clip_model": _OPENAI_B16, "dense_variant": _NACLIP + " (arch reduced, attn naclip, std 5)",
+            {**_PAPERS, "dense_variant": "naclip", "input_size": 336, "window_size": 224, "window_stride": 112,
+             "logit_scale": 40.0, "pamr_steps": 10},
+            {**_PAPERS_SOURCES, "dense_variant": _NACLIP + " (arch reduced, attn naclip, std 5)",
              "input_size": "NACLIP configs: Resize (2048, 336) keep_ratio", "window_size": _NACLIP + " slide_crop",
-             "window_stride": _NACLIP + " slide_stride", "logit_scale": _NACLIP, "score_threshold":
-             "NACLIP prob_thd 0 (0.1 only with a background class)", "pamr_steps": _NACLIP,
-             "pamr_dilations": _NACLIP + " pamr_stride", "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS,
-             "selection_threshold": _NO_DCS, "resize_interpolation": _RESIZE}),
+             "window_stride": _NACLIP + " slide_stride", "logit_scale": _NACLIP,
+             "score_threshold": "NACLIP prob_thd 0 (0.1 only with a background class)", "pamr_steps": _NACLIP,
+             "pamr_dilations": _NACLIP + " pamr_stride"}),
         Preset(
             "sclip-vit-b16",
             "SCLIP on OpenAI ViT-B/16: correlative self-attention, 336 px, windows 224/112, no PAMR",
-            {"clip_model": "clip-vit-b16-openai", "dense_variant": "sclip", "input_size": 336, "window_size": 224,
-             "window_stride": 112, "logit_scale": 40.0, "score_threshold": 0.0, "pamr_steps": 0,
-             "pamr_dilations": [8, 16], "prompt_templates": ["imagenet80"], "synonym_merge": "max",
-             "selection_threshold": 0.0, "resize_interpolation": "bilinear"},
-            {"clip_model": _OPENAI_B16, "dense_variant": _SCLIP + " (csa=True, residual and MLP kept)",
+            {**_PAPERS, "dense_variant": "sclip", "input_size": 336, "window_size": 224, "window_stride": 112,
+             "logit_scale": 40.0, "pamr_steps": 0},
+            {**_PAPERS_SOURCES, "dense_variant": _SCLIP + " (csa=True, residual and MLP kept)",
              "input_size": "SCLIP configs: Resize (2048, 336) (448 for COCO-Stuff)", "window_size": _SCLIP,
              "window_stride": _SCLIP, "logit_scale": _SCLIP + " (50-65 on some sets)",
              "score_threshold": "SCLIP prob_thd 0 (0.1 only with a background class)",
-             "pamr_steps": _SCLIP + " (pamr_steps 0; optional)", "pamr_dilations": _SCLIP,
-             "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS, "selection_threshold": _NO_DCS,
-             "resize_interpolation": _RESIZE}),
+             "pamr_steps": _SCLIP + " (pamr_steps 0; optional)", "pamr_dilations": _SCLIP}),
         Preset(
             "clearclip-vit-b16",
             "ClearCLIP on OpenAI ViT-B/16: query-query attention, no residual/FFN, 448 px, windows 448/224",
-            {"clip_model": "clip-vit-b16-openai", "dense_variant": "clearclip", "input_size": 448,
-             "window_size": 448, "window_stride": 224, "logit_scale": 50.0, "score_threshold": 0.0,
-             "pamr_steps": 0, "pamr_dilations": [8, 16], "prompt_templates": ["imagenet80"],
-             "synonym_merge": "max", "selection_threshold": 0.0},
-            {"clip_model": _OPENAI_B16, "dense_variant": _CLEARCLIP + " (model_type ClearCLIP, ignore_residual)",
+            {**_PAPERS, "dense_variant": "clearclip", "input_size": 448, "window_size": 448, "window_stride": 224,
+             "logit_scale": 50.0, "pamr_steps": 0},
+            {**_PAPERS_SOURCES, "dense_variant": _CLEARCLIP + " (model_type ClearCLIP, ignore_residual)",
              "input_size": "ClearCLIP configs: Resize (2048, 448)", "window_size": _CLEARCLIP + " slide_crop",
              "window_stride": _CLEARCLIP + " slide_stride", "logit_scale": _CLEARCLIP,
              "score_threshold": "ClearCLIP prob_thd 0 (0.15-0.5 only with a background class)",
-             "pamr_steps": "ClearCLIP has no PAMR", "pamr_dilations": "unused",
-             "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS, "selection_threshold": _NO_DCS,
-             "resize_interpolation": _RESIZE}),
+             "pamr_steps": "ClearCLIP has no PAMR", "pamr_dilations": "unused"}),
         Preset(
             "demo",
             "the project's demo CLIP on its synthetic world (the embedded demo and the tests' yardstick)",

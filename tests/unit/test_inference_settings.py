@@ -200,6 +200,7 @@ def test_papers_settings_in_the_presets():
     for name in ("naclip-vit-b16", "sclip-vit-b16", "clearclip-vit-b16"):
         assert preset_defaults(name)["prompt_templates"] == ["imagenet80"]
         assert preset_defaults(name)["clip_model"] == "clip-vit-b16-openai"
+        assert preset_defaults(name)["resize_interpolation"] == "bilinear"  # mmseg's resize
 
 
 def test_a_preset_on_a_640x480_frame_resizes_and_tiles_as_the_paper(encoder):

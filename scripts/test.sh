@@ -7,5 +7,10 @@ cd "$ROOT"
 export HF_HUB_OFFLINE=1
 echo "[test] ruff check"
 .venv/bin/ruff check .
+if [ "${1:-}" = "--fast" ]; then  # the ROS-free unit tests only (no DDS, no processes): seconds
+  shift
+  echo "[test] pytest tests/unit"
+  exec .venv/bin/python -m pytest -q -ra tests/unit "$@"
+fi
 echo "[test] pytest"
 .venv/bin/python -m pytest -q -ra tests "$@"

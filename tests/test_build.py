@@ -55,6 +55,7 @@ def _source_tree(dest: Path) -> Path:
     return target
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("colcon", path=str(VENV_BIN)) is None, reason="colcon not installed")
 def test_colcon_builds_both_packages(tmp_path):
     src = _source_tree(tmp_path)

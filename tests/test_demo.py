@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # minute-long multi-process runs; -m "not slow" skips them
+
 
 def test_demo_runs_and_segments_for_real(tmp_path):
     out = tmp_path / "demo"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import start_node
 
 from ovseg_ros.bench.soak import run_flood
+
+pytestmark = pytest.mark.slow  # minute-long multi-process runs; -m "not slow" skips them
 
 
 def test_flood_for_a_minute(tmp_path, make_client):

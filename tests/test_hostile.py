@@ -192,6 +192,21 @@ def test_a_clients_image_never_replaces_a_camera_frame_with_the_same_stamp(tmp_p
         answer = client.call(prompt, by_stamp)
         assert answer.success, answer.message
         assert mask_iou(image_to_array(answer.masks[0]) > 127, camera_scene.instance_masks[0]) > 0.5
+        newest = SegmentPrompt.Request()  # stamp zero: the camera's newest frame, not the client's last image
+        newest.boxes = by_stamp.boxes
+        answer = client.call(prompt, newest)
+        assert answer.success and answer.header.stamp.sec == 4242 and answer.header.frame_id == "cam"
+        assert mask_iou(image_to_array(answer.masks[0]) > 127, camera_scene.instance_masks[0]) > 0.5
+        other = SegmentPrompt.Request()  # a client's image under a stamp no camera frame has: queryable later
+        other.image = rgb_to_image(client_scene.image, header(777))
+        other.boxes = own.boxes
+        assert client.call(prompt, other).success
+        again = SegmentPrompt.Request()
+        again.stamp.sec = 777
+        again.boxes = own.boxes
+        answer = client.call(prompt, again)
+        assert answer.success and answer.header.stamp.sec == 777 and len(answer.has_3d) == 0
+        assert mask_iou(image_to_array(answer.masks[0]) > 127, client_scene.instance_masks[0]) > 0.5
     finally:
         assert proc.stop() == 0, proc.output()
 

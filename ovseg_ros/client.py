@@ -113,6 +113,17 @@ class OvsegClient:
                     return None
                 self._cond.wait(timeout=min(remaining, 0.2))
 
+    def segment(self, msg: Image, tries: int = 10, timeout: float = 2.0):
+        """Publish an image (again, as best-effort delivery may drop it) until its segmentation arrives: the
+        Segmentation message with the image's stamp, or None after `tries`."""
+        stamp = msg.header.stamp
+        for _ in range(tries):
+            self.publish_image(msg)
+            answer = self.wait_for("segmentation", lambda m: m.header.stamp == stamp, timeout)
+            if answer is not None:
+                return answer
+        return None
+
     def clear(self, topic: str | None = None) -> None:
         with self._cond:
             for key in [topic] if topic else list(self.received):

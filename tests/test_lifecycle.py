@@ -24,11 +24,7 @@ def frame(sec: int):
 
 
 def outputs_for(client, sec: int, tries: int = 6):
-    for _ in range(tries):
-        client.publish_image(frame(sec))
-        if client.wait_for("segmentation", lambda m: m.header.stamp.sec == sec, 1.0) is not None:
-            return True
-    return False
+    return client.segment(frame(sec), tries=tries, timeout=1.0) is not None
 
 
 def test_lifecycle_transitions(tmp_path, make_client):

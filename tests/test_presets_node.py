@@ -19,13 +19,8 @@ def frame(sec: int):
     return rgb_to_image(generate_scene(sec, size=(120, 160), split="eval").image, header)
 
 
-def segmentation_of(client, sec: int, tries: int = 10):
-    for _ in range(tries):
-        client.publish_image(frame(sec))
-        msg = client.wait_for("segmentation", lambda m: m.header.stamp.sec == sec, 2.0)
-        if msg is not None:
-            return msg
-    return None
+def segmentation_of(client, sec: int):
+    return client.segment(frame(sec))
 
 
 def test_a_preset_sets_defaults_explicit_parameters_win_and_80_templates_work(tmp_path, make_client):

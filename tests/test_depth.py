@@ -181,6 +181,20 @@ def test_prompts_return_3d_centroids_of_known_objects(depth_node):
     request.points, request.point_labels = [Point(x=5.0, y=5.0)], [1]
     response = client.call(prompt_client, request)
     assert response.success and not response.has_3d
+    # A client's image with the camera frame's stamp: answered on the client's image, without the camera's depth
+    # (issue 14: frames never cross); the camera frame keeps its depth for the next by-stamp prompt.
+    other = generate_scene(9, size=(H, W), split="eval", min_objects=1, max_objects=1)
+    request = SegmentPrompt.Request()
+    request.image = rgb_to_image(other.image, header(sec))
+    request.boxes = [float(v) for v in other.boxes[0]]
+    response = client.call(prompt_client, request)
+    assert response.success and not response.has_3d and not response.depth_frame_id
+    request = SegmentPrompt.Request()
+    request.stamp.sec = sec
+    request.boxes = [float(v) for v in scene.boxes[0]]
+    response = client.call(prompt_client, request)
+    assert response.success and response.has_3d == [True]
+    assert abs(response.centroids[0].z - 1.0) < 0.02  # object 0 of the camera frame stands at 1.0 m
 
 
 def test_region_centroid_of_known_objects_is_exact():

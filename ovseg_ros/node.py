@@ -136,8 +136,9 @@ class OvsegNode(LifecycleNode):
 
         preset_spec = SPEC_BY_NAME["preset"]
         self.preset = declare(preset_spec, preset_spec.default)
-        if preset_spec.check(self.preset):
-            problems.append(preset_spec.check(self.preset))
+        reason = preset_spec.check(self.preset)
+        if reason:
+            problems.append(reason)
             self.preset = preset_spec.default
         defaults = preset_defaults(self.preset)
         for spec in SPECS:
@@ -250,7 +251,7 @@ class OvsegNode(LifecycleNode):
     # ------------------------------------------------------------------ set-up
     def _initial_vocabulary(self) -> Vocabulary:
         """The persisted vocabulary if there is a valid one (a restart keeps what the operator set)."""
-        path = self.get_parameter("vocabulary_file").value
+        path = self._vocabulary_path()
         if path and os.path.exists(path):
             try:
                 vocabulary = load_vocabulary(path, self.limits)
@@ -424,13 +425,18 @@ class OvsegNode(LifecycleNode):
         self.get_logger().info(message)
         return True, message, vocabulary.version
 
+    def _vocabulary_path(self) -> str:
+        """vocabulary_file with ~ expanded (the same file is saved and restored); "" = no persistence."""
+        path = self.get_parameter("vocabulary_file").value
+        return os.path.expanduser(path) if path else ""
+
     def _persist(self, vocabulary: Vocabulary) -> str | None:
         """Save to vocabulary_file (atomically); the reason if it cannot be saved, else None."""
-        path = self.get_parameter("vocabulary_file").value
+        path = self._vocabulary_path()
         if not path:
             return None
         try:
-            save_vocabulary(vocabulary, os.path.expanduser(path))
+            save_vocabulary(vocabulary, path)
         except OSError as exc:
             return f"cannot save the vocabulary to {path} ({exc}); the vocabulary in force is unchanged"
         return None

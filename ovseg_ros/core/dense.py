@@ -411,38 +411,29 @@ class DenseSegmenter:
         selected = self.select_categories(frame.global_emb, patch_logits, text)
         clock.lap("category_selection")
         size = image_rgb.shape[:2]
-        stage = {"merge_upsample": 0.0, "pamr": 0.0, "classify": 0.0}
         affinity = None
         if self.config.pamr_steps > 0:
-            tick = time.perf_counter()
             guide = torch.from_numpy(image_rgb).to(device).permute(2, 0, 1).float()
             affinity = PamrAffinity(guide, tuple(self.config.pamr_dilations))
-            stage["pamr"] += time.perf_counter() - tick
+            clock.add("pamr")
         grey = None
         if self.config.refinement == "guided":
             grey = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
         argmax = RunningArgmax()
         chunk = self.config.class_chunk
         for start in range(0, len(selected), chunk):
-            tick = time.perf_counter()
             part = self.pixel_logits(frame, text[selected[start:start + chunk]], size)
-            stage["merge_upsample"] += time.perf_counter() - tick
-            tick = time.perf_counter()
+            clock.add("merge_upsample")
             if affinity is not None:
                 part = affinity.refine(part, self.config.pamr_steps)
-            stage["pamr"] += time.perf_counter() - tick
-            tick = time.perf_counter()
+                clock.add("pamr")
             if grey is not None:
                 part = guided_filter_maps(grey, part)
             argmax.add(start, part * self.pixel_logit_scale)
-            stage["classify"] += time.perf_counter() - tick
+            clock.add("classify")
         index, confidence = argmax.result()
         query = selected.cpu().numpy()[index]
         class_index = prepared.query_class_index.numpy()[query]
-        for name, seconds in stage.items():
-            if name != "pamr" or affinity is not None:
-                timings[name] = seconds * 1000
-        clock.last = time.perf_counter()
         if self.config.tag_validation_top_k > 0:
             class_index = self.validate_tags(class_index, frame.grid, prepared, selected)
             clock.lap("tag_validation")
@@ -507,6 +498,12 @@ class _Stopwatch:
         self.timings[name] = (now - self.last) * 1000
         self.last = now
 
+    def add(self, name: str) -> None:
+        """Like lap, but adds to the stage's time (a stage run once per chunk of classes)."""
+        now = time.perf_counter()
+        self.timings[name] = self.timings.get(name, 0.0) + (now - self.last) * 1000
+        self.last = now
+
 
 def guided_filter(guide: np.ndarray, source: np.ndarray, radius: int = 4, eps: float = 1e-3) -> np.ndarray:
     """He et al.'s guided filter (grey guide) with OpenCV box filters: edges of `guide` shape `source`."""
@@ -527,23 +524,6 @@ def guided_filter_maps(grey: np.ndarray, maps: torch.Tensor) -> torch.Tensor:
     """Each (H, W) map of a (c, H, W) tensor through the guided filter with an (H, W) grey guide."""
     filtered = np.stack([guided_filter(grey, channel) for channel in maps.cpu().numpy()])
     return torch.from_numpy(filtered).to(maps.device)
-
-
-def upsample_argmax(logits: torch.Tensor, size: tuple[int, int], chunk: int,
-                    guide_rgb: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(1, C, h, w) logits -> exact bilinear upsampling + softmax argmax, a chunk of classes at a time.
-    With a guide image, each class map is edge-aware filtered (guided filter) before the argmax."""
-    grey = None
-    if guide_rgb is not None:
-        grey = cv2.cvtColor(guide_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
-    argmax = RunningArgmax()
-    for start in range(0, logits.shape[1], chunk):
-        part = F.interpolate(logits[:, start:start + chunk].float(), size=size, mode="bilinear",
-                             align_corners=False)[0]
-        if grey is not None:
-            part = guided_filter_maps(grey, part)
-        argmax.add(start, part)
-    return argmax.result()
 
 
 def relabel(result: SegmentationResult, labels: np.ndarray, prepared: PreparedVocabulary,

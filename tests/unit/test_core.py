@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ovseg_ros.core.clip_dense import DENSE_VARIANTS
-from ovseg_ros.core.dense import DenseConfig, DenseSegmenter, upsample_argmax
+from ovseg_ros.core.dense import DenseConfig, DenseSegmenter, RunningArgmax
 from ovseg_ros.core.registry import load_clip
 from ovseg_ros.core.text_cache import TextEmbeddingCache
 from ovseg_ros.core.vocabulary import Vocabulary, VocabularyError, make_vocabulary
@@ -82,8 +82,13 @@ def test_a_batch_of_frames_gives_what_each_frame_gives_alone(window_stride):
 
 def test_chunked_upsampling_equals_the_direct_softmax():
     logits = torch.randn(1, 37, 6, 8, generator=torch.Generator().manual_seed(1)) * 5
-    index, confidence = upsample_argmax(logits, (30, 40), chunk=5)
     full = torch.nn.functional.interpolate(logits, size=(30, 40), mode="bilinear", align_corners=False)[0]
+    argmax = RunningArgmax()
+    for start in range(0, 37, 5):  # the segmenter's chunks of classes, upsampled one chunk at a time
+        part = torch.nn.functional.interpolate(logits[:, start:start + 5], size=(30, 40), mode="bilinear",
+                                               align_corners=False)[0]
+        argmax.add(start, part)
+    index, confidence = argmax.result()
     probs = torch.softmax(full, dim=0)
     assert np.array_equal(index, probs.argmax(0).numpy())
     assert np.allclose(confidence, probs.max(0).values.numpy(), atol=1e-5)

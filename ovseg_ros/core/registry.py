@@ -19,7 +19,6 @@ import yaml
 
 LOG = logging.getLogger("ovseg_ros.registry")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-CONFIG_DIR = PACKAGE_DIR / "model_configs"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let a library reach a model hub at run time
 
 
@@ -132,19 +131,12 @@ def resolve(name_or_path: str, kind: str) -> tuple[str, Path | None, ModelEntry 
     return arch, None, None
 
 
-def register_open_clip_configs() -> None:
-    """Make the project's architecture JSONs (e.g. ovseg-demo-vit) known to open_clip's factory."""
-    import open_clip
-
-    if "ovseg-demo-vit" not in open_clip.list_models():
-        open_clip.add_model_config(CONFIG_DIR)
-
-
 def load_clip(name_or_path: str, device: str = "cpu", seed: int = 0):
     """Build a ClipDenseEncoder from a manifest name, 'ARCH', or 'ARCH:/path/to/weights'."""
     import open_clip
     import torch
 
+    from .clip_builders import build_clip, register_open_clip_configs
     from .clip_dense import ClipDenseEncoder
 
     register_open_clip_configs()
@@ -155,7 +147,7 @@ def load_clip(name_or_path: str, device: str = "cpu", seed: int = 0):
         LOG.warning("CLIP '%s' has no weights: seeded random init (seed %d); outputs are meaningless", arch, seed)
         torch.manual_seed(seed)
     try:
-        model = open_clip.create_model(arch, pretrained=str(path) if path else None, device="cpu")
+        model = build_clip(arch, path)
     except Exception as exc:  # a wrong or truncated checkpoint surfaces here
         raise ModelError(f"cannot load CLIP '{name_or_path}' ({arch}) from {path}: {exc}") from exc
     tokenizer = open_clip.get_tokenizer(arch)

@@ -5,7 +5,7 @@ meaningful), and a dense loss that scores every patch embedding -- taken through
 node uses for official weights (ClipDenseEncoder.dense_features) -- against the text embeddings of the seen
 classes, with the class fractions of the patch as soft targets. Held-out compositions never appear.
 
-    python -m ovseg_ros.training.train_clip --minutes 40 --seed 0 --threads 1 \
+    python -m ovseg_ros.training.train_clip --minutes 40 --seed 0 --threads 1 --arch ovseg-demo-convvit \
         --out models/demo/ovseg-demo-clip.safetensors
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -24,12 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.clip_builders import CONV_STEMS, build_clip
 from ..core.clip_dense import ClipDenseEncoder
-from ..core.registry import register_open_clip_configs
 from ..core.vocabulary import DEFAULT_TEMPLATES
 from ..synth.world import STUFF, generate_scene, object_class_names, world_vocabulary
 
-ARCH = "ovseg-demo-vit"
+DEFAULT_ARCH = "ovseg-demo-convvit"
 
 
 MAX_INSTANCES = 5
@@ -72,6 +71,8 @@ def patch_fractions(labels: torch.Tensor, num_classes: int, patch: int) -> torch
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default=DEFAULT_ARCH,
+                        help=f"open_clip architecture (conv stems: {', '.join(CONV_STEMS)}; plain: ovseg-demo-vit)")
     parser.add_argument("--minutes", type=float, default=40.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", help="start from these weights (fine-tuning) instead of random init")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU matrix units)")
     parser.add_argument("--out", default="models/demo/ovseg-demo-clip.safetensors")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT.ckpt (model, optimiser, clock, data order) written every 5 min")
     parser.add_argument("--eval-scenes", type=int, default=100)
     args = parser.parse_args(argv)
 
@@ -100,13 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    register_open_clip_configs()
     import open_clip
 
-    model = open_clip.create_model(ARCH, pretrained=args.init or None)
-    tokenizer = open_clip.get_tokenizer(ARCH)
-    encoder = ClipDenseEncoder(model, tokenizer, ARCH)
+    model = build_clip(args.arch, Path(args.init) if args.init else None)
+    tokenizer = open_clip.get_tokenizer(args.arch)
+    encoder = ClipDenseEncoder(model, tokenizer, args.arch)
     model.train()
     size = encoder.native_size[0]
     patch = encoder.patch_size[0]
@@ -132,11 +133,20 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     step = 0
     seen_images = 0
-    last_log = t0
-    last_ckpt = t0
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    checkpoint = out.with_suffix(".ckpt")
     rng = np.random.default_rng(args.seed)
+    if args.resume:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        t0 -= state["elapsed"]  # the schedule is a function of training time, so it continues where it stopped
+        step, seen_images = state["step"], state["images"]
+        rng.bit_generator.state = state["rng"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed {checkpoint} at {state['elapsed'] / 60:.1f} min, step {step}", flush=True)
+    last_log = last_ckpt = time.time()
     while (elapsed := time.time() - t0) < budget:
         lr = args.lr * min(1.0, elapsed / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / budget)))
         for group in optimiser.param_groups:
@@ -201,19 +211,21 @@ def main(argv: list[str] | None = None) -> int:
             )
             last_log = now
         if now - last_ckpt > 300:
-            save(model, out)
+            save(model, out, args.arch)
+            save_checkpoint(checkpoint, model, optimiser, now - t0, step, seen_images, rng)
             last_ckpt = now
     train_minutes = (time.time() - t0) / 60
-    save(model, out)
+    save(model, out, args.arch)
     print(f"trained {train_minutes:.1f} min, {step} steps, {seen_images} images; saved {out}", flush=True)
 
     from ..bench.accuracy import evaluate_dense
 
-    metrics = evaluate_dense(f"{ARCH}:{out}", scenes=args.eval_scenes)
+    metrics = evaluate_dense(f"{args.arch}:{out}", scenes=args.eval_scenes)
     metrics.update(
         train_minutes=round(train_minutes, 1),
         steps=step,
         images_seen=seen_images,
+        arch=args.arch,
         threads=args.threads,
         seed=args.seed,
         pool=args.pool,
@@ -225,13 +237,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def save(model: torch.nn.Module, path: Path) -> None:
+def save(model: torch.nn.Module, path: Path, arch: str) -> None:
     """float16 safetensors: the token table dominates the size and loses nothing that matters in fp16."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"arch": ARCH, "format": "open_clip state_dict"})
+    save_file(state, str(tmp), metadata={"arch": arch, "format": "open_clip state_dict"})
+    tmp.replace(path)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimiser: torch.optim.Optimizer, elapsed: float,
+                    step: int, images: int, rng: np.random.Generator) -> None:
+    """Everything `--resume` needs, in float32, written atomically."""
+    tmp = path.with_suffix(".ckpt.tmp")
+    torch.save({"model": model.state_dict(), "optimiser": optimiser.state_dict(), "elapsed": elapsed,
+                "step": step, "images": images, "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state()}, tmp)
     tmp.replace(path)
 
 

@@ -20,7 +20,7 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from launch import LaunchDescription
-from ovseg_ros.cameras import parse_camera_names
+from ovseg_ros.core.cameras import parse_camera_names
 
 
 def camera_remappings(cameras: str, topics: str) -> tuple[list[str], list[tuple[str, str]]]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,46 +67,45 @@ def count_frames(inputs: list[str], video_stride: int) -> int | None:
     return total or None
 
 
-def segment_in_batches(segmenter, prepared, frames: Iterator[tuple[str, np.ndarray]],
-                       batch: int) -> Iterator[tuple[str, np.ndarray, object]]:
-    """(name, frame, result) in input order; `batch` frames share each image-tower pass (a GPU runs a batch
-    faster than its frames one by one)."""
+def segment_in_batches(pipeline, frames: Iterator[tuple[str, np.ndarray]], batch: int) -> Iterator[tuple[str, object]]:
+    """(name, FrameOutput) in input order; `batch` frames share each image-tower pass (a GPU runs a batch
+    faster than its frames one by one). ValueError if a frame fails."""
+    from .core.pipeline import FrameInput
+
     frames = iter(frames)
     while pending := list(itertools.islice(frames, batch)):
-        results = segmenter.segment_batch([rgb for _, rgb in pending], prepared)
-        yield from ((name, rgb, result) for (name, rgb), result in zip(pending, results, strict=True))
+        outputs = pipeline.process_batch([FrameInput("", rgb, (index, 0)) for index, (_, rgb) in enumerate(pending)])
+        for (name, _), output in zip(pending, outputs, strict=True):
+            if output.error:
+                raise ValueError(f"{name}: {output.error}")
+            yield name, output
 
 
 def segment_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .bench.accuracy import make_segmenter
-    from .core.overlay import blend
+    from .core.pipeline import build_pipeline
+    from .core.settings import settings_from_args
     from .core.vocabulary import VocabularyError, make_vocabulary
-    from .parameters import dense_config, settings_from_args
 
-    values = settings_from_args(args)
+    # The node's pipeline, built by the same factory: same settings, same outputs (SAM refinement is excluded).
+    settings = settings_from_args(args, device=args.device, sam_model="", publish_overlay=True)
     try:
         vocabulary = make_vocabulary([v for v in args.vocab.split(",") if v.strip()],
-                                     args.template or list(values["prompt_templates"]))
+                                     args.template or list(settings.prompt_templates))
     except VocabularyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    config = dense_config(values)
-    segmenter = make_segmenter(values["clip_model"], config, device=args.device)
-    prepared = segmenter.prepare(vocabulary)
+    pipeline = build_pipeline(settings, cameras=[""], vocabulary=vocabulary, warm_up=False)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     frames = []
-    names = vocabulary.display_names
     progress = tqdm(total=count_frames(args.inputs, args.video_stride), unit="frame", disable=args.quiet)
-    for name, rgb, result in segment_in_batches(segmenter, prepared, iter_frames(args.inputs, args.video_stride),
-                                                args.batch):
+    for name, output in segment_in_batches(pipeline, iter_frames(args.inputs, args.video_stride), args.batch):
         progress.update()
+        result, rgb = output.result, output.frame.image
         cv2.imwrite(str(out / f"{name}_labels.png"), result.labels)
-        overlay = blend(rgb, result.labels, len(names), names=names, class_ids=result.class_ids,
-                        class_areas=result.class_areas)
-        cv2.imwrite(str(out / f"{name}_overlay.png"), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / f"{name}_overlay.png"), cv2.cvtColor(output.overlay, cv2.COLOR_RGB2BGR))
         frames.append({
             "name": name,
             "size": [int(rgb.shape[1]), int(rgb.shape[0])],
@@ -117,17 +115,17 @@ def segment_command(args: argparse.Namespace) -> int:
             "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
         })
     progress.close()
-    summary = {"model": segmenter.encoder.model_id, "preset": args.preset, "vocabulary": list(vocabulary.labels),
-               "templates": list(vocabulary.templates), "config": config.__dict__, "frames": frames}
+    summary = {"model": pipeline.segmenter.encoder.model_id, "preset": args.preset,
+               "vocabulary": list(vocabulary.labels), "templates": list(vocabulary.templates),
+               "config": pipeline.segmenter.config.__dict__, "frames": frames}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"{len(frames)} frames -> {out}/ (labels PNG, overlay PNG, summary.json)")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .parameters import add_setting_options
+    from .core.settings import add_setting_options
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="ovseg", description="open-vocabulary segmentation without ROS")
     sub = parser.add_subparsers(dest="command", required=True)
     seg = sub.add_parser("segment", help="segment images, folders of images, or videos")

@@ -19,7 +19,7 @@ from sensor_msgs.msg import Image
 from ovseg_interfaces.msg import LabelInfo, Segmentation
 from ovseg_interfaces.srv import GetVocabulary, SetVocabulary
 
-from .qos import SERVICE_QOS
+from .ros.messages import SERVICE_QOS
 
 OUTPUT_TOPICS = {"labels": Image, "segmentation": Segmentation, "overlay": Image}
 

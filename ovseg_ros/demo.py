@@ -19,7 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .cameras import default_camera_names
+from .core.cameras import default_camera_names
 from .runtime import Process, node_command, ros_environment
 
 
@@ -132,7 +132,7 @@ def score_next_frame(client, name: str, version: int, scored: set, vocab: list[s
     """Wait for the camera's next unscored segmentation, score it against its ground truth, save the panel."""
     from .core.metrics import ConfusionMatrix
     from .core.overlay import colourise
-    from .image_conversions import image_to_array
+    from .ros.image_conversions import image_to_array
 
     seg = client.wait_for("segmentation", lambda m: m.vocabulary_version == version
                           and (m.header.stamp.sec, m.header.stamp.nanosec) not in scored, timeout=timeout)

@@ -16,7 +16,7 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
-from .image_conversions import mono16_to_image, rgb_to_image
+from .ros.image_conversions import mono16_to_image, rgb_to_image
 from .synth.world import generate_scene
 
 

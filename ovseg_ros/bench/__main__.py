@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = ("accuracy", "speed", "prompt", "soak")
     if not argv or argv[0] not in commands:

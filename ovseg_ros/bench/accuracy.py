@@ -13,12 +13,10 @@ import time
 import cv2
 import numpy as np
 
-from ..core.dense import DenseConfig, DenseSegmenter
 from ..core.metrics import ConfusionMatrix, mask_iou
-from ..core.registry import load_clip
-from ..core.text_cache import TextEmbeddingCache
+from ..core.pipeline import FrameInput, SegmentationPipeline, build_pipeline
+from ..core.settings import Settings, add_setting_options, make_settings, settings_from_args
 from ..core.vocabulary import UNLABELLED, Vocabulary
-from ..parameters import add_setting_options, dense_config, settings_from_args
 from ..synth.world import HELD_OUT, STUFF, generate_scene, object_class_names, world_vocabulary
 
 EVAL_SEED_BASE = 900_000  # evaluation seeds never overlap training pools (those use seed * 1_000_003 + i)
@@ -35,9 +33,13 @@ def world_class_groups() -> dict[str, list[int]]:
     }
 
 
-def make_segmenter(clip: str, config: DenseConfig, device: str = "cpu") -> DenseSegmenter:
-    encoder = load_clip(clip, device=device)
-    return DenseSegmenter(encoder, TextEmbeddingCache(encoder.encode_text, encoder.model_id), config)
+def world_pipeline(settings: Settings | str, distractors: int = 0) -> SegmentationPipeline:
+    """The pipeline the node builds for `settings` (or for a CLIP model name with the plain settings: no
+    category selection, no SAM), labelling the synthetic world's vocabulary plus `distractors` foreign names."""
+    if isinstance(settings, str):
+        settings = make_settings({"clip_model": settings, "sam_model": "", "selection_threshold": 0.0})
+    vocabulary = Vocabulary(tuple(world_vocabulary() + distractor_names(distractors)))
+    return build_pipeline(settings, cameras=[""], vocabulary=vocabulary, warm_up=False)
 
 
 def distractor_names(count: int) -> list[str]:
@@ -48,23 +50,22 @@ def distractor_names(count: int) -> list[str]:
     return [n for n in load_names(847) if n not in world][:count]
 
 
-def evaluate_dense(clip: str | DenseSegmenter, scenes: int = 100, size: int | tuple[int, int] = 224,
-                   config: DenseConfig | None = None, seed_base: int = EVAL_SEED_BASE,
-                   distractors: int = 0, prompter=None) -> dict:
-    """Dense mIoU over the world vocabulary (plus `distractors` names that never occur) on `scenes` evaluation
-    scenes (half the objects novel). A pixel labelled with a distractor counts as wrong."""
-    segmenter = clip if isinstance(clip, DenseSegmenter) else make_segmenter(clip, config or DenseConfig())
+def evaluate_dense(pipeline: SegmentationPipeline | str, scenes: int = 100, size: int | tuple[int, int] = 224,
+                   seed_base: int = EVAL_SEED_BASE) -> dict:
+    """Dense mIoU over the world vocabulary on `scenes` evaluation scenes (half the objects novel), each frame
+    through `pipeline.process_batch` exactly as the node runs it (SAM refinement included when set). A pixel
+    labelled with a name outside the world (a distractor) counts as wrong."""
+    pipeline = world_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     vocab = world_vocabulary()
-    prepared = segmenter.prepare(Vocabulary(tuple(vocab + distractor_names(distractors))))
     confusion = ConfusionMatrix(len(vocab))
     times, kept = [], []
     for i in range(scenes):
         scene = generate_scene(seed_base + i, size=size, split="eval")
         start = time.perf_counter()
-        result = segmenter.segment(scene.image, prepared)
-        if result.config.refinement == "sam" and prompter is not None:
-            prompter.add_frame((i, 1), scene.image, result.dense_features)
-            result = prompter.refine_result((i, 1), result, prepared, result.config.score_threshold)
+        output = pipeline.process_batch([FrameInput("", scene.image, (i, 1))])[0]
+        if output.error:
+            raise RuntimeError(output.error)
+        result = output.result
         times.append(time.perf_counter() - start)
         kept.append(len(result.selected_classes))
         predicted = result.labels.copy()
@@ -79,8 +80,8 @@ def evaluate_dense(clip: str | DenseSegmenter, scenes: int = 100, size: int | tu
         "pixel_accuracy": round(confusion.pixel_accuracy(), 4),
         "scenes": scenes,
         "median_ms": round(1000 * float(np.median(times)), 1),
-        "variant": segmenter.config.variant,
-        "vocabulary_size": len(prepared.vocabulary),
+        "variant": pipeline.settings.dense_variant,
+        "vocabulary_size": len(pipeline.vocabulary),
         "median_classes_kept": int(np.median(kept)),
     }
 
@@ -92,14 +93,14 @@ def centre_point(mask: np.ndarray) -> np.ndarray:
     return np.array([[x, y]], dtype=np.float32)
 
 
-def evaluate_prompts(segmenter: DenseSegmenter, prompter, scenes: int = 100, size: int | tuple[int, int] = 224,
+def evaluate_prompts(pipeline: SegmentationPipeline, scenes: int = 100, size: int | tuple[int, int] = 224,
                      seed_base: int = EVAL_SEED_BASE) -> dict:
     """Mask IoU for a centre point, a random interior point plus one background point, and a box; label accuracy
     (top-1 over the whole world vocabulary) for seen and held-out compositions, from the box prompts."""
     from ..core.prompt import Prompt
 
-    vocab = world_vocabulary()
-    prepared = segmenter.prepare(Vocabulary(tuple(vocab)))
+    segmenter, prompter = pipeline.segmenter, pipeline.prompters[""]
+    prepared = segmenter.prepare(Vocabulary(tuple(world_vocabulary())))
     novel = {f"{colour} {shape}" for colour, shape in HELD_OUT}
     ious: dict[str, list[float]] = {"point": [], "multi_point": [], "box": []}
     correct: dict[str, list[bool]] = {"seen": [], "held_out": []}
@@ -149,21 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--distractors", type=int, default=0, help="extra names that never occur (max 778)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
-    values = settings_from_args(args)
-    config = dense_config(values)
-    if config.refinement == "sam" and not args.sam:
+    settings = settings_from_args(args, sam_model=args.sam)
+    if settings.refinement == "sam" and not args.sam:
         parser.error("--refinement sam needs --sam")
-    segmenter = make_segmenter(values["clip_model"], config)
-    prompter = None
-    if args.sam:
-        from ..core.prompt import PromptSegmenter
-        from ..core.registry import load_sam
-
-        prompter = PromptSegmenter(load_sam(args.sam), segmenter.encoder, cache_size=2)
-    results = {"clip": segmenter.encoder.model_id, "preset": args.preset,
-               **evaluate_dense(segmenter, args.scenes, distractors=args.distractors, prompter=prompter)}
-    if prompter is not None:
-        results.update(sam=args.sam, **evaluate_prompts(segmenter, prompter, args.scenes))
+    pipeline = world_pipeline(settings, args.distractors)
+    results = {"clip": pipeline.segmenter.encoder.model_id, "preset": args.preset,
+               **evaluate_dense(pipeline, args.scenes)}
+    if pipeline.has_prompts:
+        results.update(sam=args.sam, **evaluate_prompts(pipeline, args.scenes))
     print(f"{'metric':28s} {'value':>8s} {'target':>8s}")
     for key, value in results.items():
         if isinstance(value, float):

@@ -13,12 +13,11 @@ import json
 import numpy as np
 import torch
 
-from ..core.dense import DenseConfig
-from ..core.prompt import Prompt, PromptSegmenter
-from ..core.registry import load_sam
+from ..core.pipeline import build_pipeline
+from ..core.prompt import Prompt
+from ..core.settings import make_settings
 from ..core.vocabulary import Vocabulary
 from ..synth.world import generate_scene, world_vocabulary
-from .accuracy import make_segmenter
 from .speed import machine_info, median_ms
 
 
@@ -33,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dense = make_segmenter(args.clip, DenseConfig())
-    prompter = PromptSegmenter(load_sam(args.sam), dense.encoder, cache_size=2)
+    pipeline = build_pipeline(make_settings({"clip_model": args.clip, "sam_model": args.sam, "frame_cache_size": 2,
+                                             "selection_threshold": 0.0}), cameras=[""], warm_up=False)
+    dense, prompter = pipeline.segmenter, pipeline.prompters[""]
     prepared = dense.prepare(Vocabulary(tuple(world_vocabulary())))
     scene = generate_scene(11, size=(480, 640), split="eval", min_objects=5, max_objects=5)
     rng = np.random.default_rng(0)

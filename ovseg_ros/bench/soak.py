@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cameras import default_camera_names
+from ..core.cameras import default_camera_names
 from ..runtime import Process, node_command, ros_environment
 
 
@@ -51,7 +51,7 @@ def run_flood(proc: Process, clients, seconds: float, rate: float, width: int = 
     from diagnostic_msgs.msg import DiagnosticArray
     from std_msgs.msg import Header
 
-    from ..image_conversions import rgb_to_image
+    from ..ros.image_conversions import rgb_to_image
     from ..synth.world import generate_scene
 
     clients = list(clients) if isinstance(clients, (list, tuple)) else [clients]

@@ -29,9 +29,9 @@ import torch
 from ..core.backends import BACKENDS, BackendUnavailable
 from ..core.dense import DenseConfig, DenseSegmenter
 from ..core.registry import load_clip
+from ..core.settings import dense_config, preset_defaults
 from ..core.text_cache import TextEmbeddingCache
 from ..core.vocabulary import Vocabulary
-from ..parameters import dense_config, preset_defaults
 from ..runtime import share_file
 from ..synth.world import generate_scene, world_vocabulary
 
@@ -112,8 +112,8 @@ def depth_output_costs(image: np.ndarray, labels: np.ndarray, runs: int) -> list
     """Per-frame cost of the 3D outputs (cloud + markers) at the image size, full and down-sampled."""
     from std_msgs.msg import Header
 
-    from ..core.geometry import Intrinsics
-    from ..depth_output import PairedDepth, class_markers, labelled_cloud
+    from ..core.geometry import Intrinsics, PairedDepth, class_regions, labelled_cloud_points
+    from ..ros.messages import cloud_msg, markers_msg
 
     height, width = labels.shape
     depth = np.full((height, width), 2.0, np.float32)
@@ -124,11 +124,12 @@ def depth_output_costs(image: np.ndarray, labels: np.ndarray, runs: int) -> list
     names = [f"class {i}" for i in range(int(labels.max()) + 1)]
     rows = []
     for stride in (1, 4):
-        cloud_ms = median_ms(lambda s=stride: labelled_cloud(Header(), paired, image, labels, confidence, 10.0, s),
-                             runs)
+        cloud_ms = median_ms(lambda s=stride: cloud_msg(
+            Header(), paired, labelled_cloud_points(paired.limited(10.0), image, labels, confidence, s)), runs)
         points = len(np.arange(0, height, stride)) * len(np.arange(0, width, stride))
         rows.append({"output": f"labels_cloud stride {stride}", "points": points, "ms": cloud_ms})
-    markers_ms = median_ms(lambda: class_markers(Header(), paired, labels, class_ids, names, len(names), True), runs)
+    markers_ms = median_ms(lambda: markers_msg(Header(), paired, class_regions(paired, labels, class_ids, names),
+                                               len(names), True), runs)
     rows.append({"output": f"labels_markers ({len(class_ids)} classes)", "points": 0, "ms": markers_ms})
     return rows
 

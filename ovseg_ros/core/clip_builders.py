@@ -46,11 +46,12 @@ class ConvStem(nn.Module):
         return self.layers(images)
 
 
-# Architectures whose conv1 is a ConvStem: arch -> (stage channels, convs per stage). Total stride 8 = the
-# JSON's patch_size, so the token grid, the position table and the dense code are those of the plain ViT.
+# Architectures whose conv1 is a ConvStem: arch -> (stage channels, convs per stage). The stem's total stride is
+# the JSON's patch_size, so the token grid, the position table and the dense code are those of a plain ViT.
 CONV_STEMS: dict[str, tuple[tuple[int, ...], int]] = {
-    "ovseg-demo-convvit": ((32, 64, 128), 1),
-    "ovseg-demo-convvit-deep": ((32, 64, 128), 2),
+    "ovseg-demo-convvit": ((32, 64, 128), 1),  # 128 px, stride 8: 16x16 tokens
+    "ovseg-demo-convvit-deep": ((32, 64, 128), 2),  # the same with two convs per stage
+    "ovseg-demo-convvit-224": ((32, 64, 128, 128), 1),  # 224 px, stride 16: 14x14 tokens, objects kept at full size
 }
 
 

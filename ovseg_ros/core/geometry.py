@@ -103,3 +103,47 @@ def region_centroid(mask: np.ndarray, depth_m: np.ndarray, intrinsics: Intrinsic
     centroid = np.median(points, axis=0)
     low, high = np.percentile(points, 5, axis=0), np.percentile(points, 95, axis=0)
     return centroid.astype(np.float64), (high - low).astype(np.float64)
+
+
+@dataclass
+class PairedDepth:
+    """The depth image paired with one colour frame: aligned to it pixel for pixel."""
+
+    depth_m: np.ndarray  # (H, W) float32 metres, NaN = invalid
+    intrinsics: Intrinsics
+    frame_id: str  # the depth camera's frame ("" = the colour frame's)
+    offset_s: float  # depth stamp minus colour stamp
+
+    def limited(self, max_range_m: float) -> PairedDepth:
+        """A copy whose depth beyond `max_range_m` is invalid (every 3D output of a frame uses the same limit)."""
+        depth = self.depth_m.copy()
+        with np.errstate(invalid="ignore"):
+            depth[depth > max_range_m] = np.nan
+        return PairedDepth(depth, self.intrinsics, self.frame_id, self.offset_s)
+
+
+@dataclass
+class Region3D:
+    """A class's (or a mask's) place in 3D: robust centroid and extent, in the depth camera's frame."""
+
+    class_id: int
+    name: str
+    centroid: np.ndarray  # (3,) metres
+    extent: np.ndarray  # (3,) metres, 5-95 percentile size
+
+
+def labelled_cloud_points(depth: PairedDepth, rgb: np.ndarray, labels: np.ndarray, confidence: np.ndarray,
+                          stride: int = 1) -> np.ndarray:
+    """CLOUD_DTYPE points for every valid depth pixel (every `stride`-th in rows and columns)."""
+    points, rows, cols = back_project(depth.depth_m, depth.intrinsics, np.inf, stride)
+    return pack_cloud(points, rgb[rows, cols], labels[rows, cols], confidence[rows, cols])
+
+
+def class_regions(depth: PairedDepth, labels: np.ndarray, class_ids: list[int], names: list[str]) -> list[Region3D]:
+    """Each present class's largest region located in 3D (classes without valid depth under them are left out)."""
+    regions = []
+    for class_id in class_ids:
+        found = region_centroid(labels == class_id, depth.depth_m, depth.intrinsics)
+        if found is not None:
+            regions.append(Region3D(class_id, names[class_id], *found))
+    return regions

@@ -23,6 +23,7 @@ from segment_anything.modeling import Sam
 
 from .clip_dense import ClipDenseEncoder
 from .dense import PreparedVocabulary, SegmentationResult, relabel
+from .geometry import PairedDepth
 
 MAX_PROMPTS = 256
 MAX_POINTS_PER_PROMPT = 64
@@ -55,6 +56,8 @@ class CachedFrame:
     key: tuple[int, int]
     image: np.ndarray  # (H, W, 3) uint8 RGB
     clip_dense: torch.Tensor  # (h, w, D) normalised
+    header: object = None  # the source's header, returned with every answer on this frame (opaque here)
+    depth: PairedDepth | None = None  # depth paired with this frame (never any for a client's image)
     sam_features: torch.Tensor | None = None
     sam_input_size: tuple[int, int] | None = None
 
@@ -115,9 +118,10 @@ class PromptSegmenter:
         return PromptSegmenter(self.sam, self.encoder, self.cache_size, self.eager_sam, self.top_k)
 
     # ------------------------------------------------------------------ frames
-    def add_frame(self, key: tuple[int, int], image: np.ndarray, clip_dense: torch.Tensor) -> CachedFrame:
-        """Cache a frame with the dense pass's CLIP features (the shared backbone pass)."""
-        frame = CachedFrame(key=key, image=image, clip_dense=clip_dense.detach())
+    def add_frame(self, key: tuple[int, int], image: np.ndarray, clip_dense: torch.Tensor, header: object = None,
+                  depth: PairedDepth | None = None) -> CachedFrame:
+        """Cache a frame with the dense pass's CLIP features (the shared backbone pass), its header and depth."""
+        frame = CachedFrame(key=key, image=image, clip_dense=clip_dense.detach(), header=header, depth=depth)
         with self._lock:
             self._frames[key] = frame
             self._frames.move_to_end(key)

@@ -19,7 +19,6 @@ import yaml
 
 LOG = logging.getLogger("ovseg_ros.registry")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let a library reach a model hub at run time
 
 
 class ModelError(RuntimeError):

@@ -14,9 +14,9 @@ from ovseg_ros.core.metrics import mask_iou
 from ovseg_ros.core.pamr import PamrAffinity
 from ovseg_ros.core.presets import PRESETS
 from ovseg_ros.core.registry import load_clip
+from ovseg_ros.core.settings import SPEC_BY_NAME, dense_config, preset_defaults
 from ovseg_ros.core.text_cache import TextEmbeddingCache
 from ovseg_ros.core.vocabulary import Vocabulary, VocabularyError, make_vocabulary, validate_templates
-from ovseg_ros.parameters import SPEC_BY_NAME, dense_config, preset_defaults
 from ovseg_ros.synth.world import generate_scene
 
 

@@ -10,7 +10,7 @@ import torch
 
 from ovseg_ros.core.text_cache import TextEmbeddingCache
 from ovseg_ros.core.vocabulary import MAX_VERSION, make_vocabulary, next_version
-from ovseg_ros.image_conversions import encoded_size
+from ovseg_ros.ros.image_conversions import encoded_size
 
 
 def test_the_text_cache_keeps_the_most_recently_used_names_only():

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from conftest import start_node
 from mcap_ros2.reader import read_ros2_messages
+from node_processes import start_node
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
 from ovseg_interfaces.msg import LabelInfo, Segmentation
-from ovseg_ros.image_conversions import image_to_array, rgb_to_image
 from ovseg_ros.recording import McapRecorder
+from ovseg_ros.ros.image_conversions import image_to_array, rgb_to_image
 from ovseg_ros.synth.world import generate_scene
 
 

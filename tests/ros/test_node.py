@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import start_node
+from node_processes import start_node
 from std_msgs.msg import Header
 
-from ovseg_ros.image_conversions import image_to_array, rgb_to_image
+from ovseg_ros.ros.image_conversions import image_to_array, rgb_to_image
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import TEST_SAM, start_node
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState
+from node_processes import TEST_SAM, start_node
 from sensor_msgs.msg import CompressedImage
 from std_msgs.msg import Header
 
-from ovseg_ros.image_conversions import image_to_array, rgb_to_image
+from ovseg_ros.ros.image_conversions import image_to_array, rgb_to_image
 from ovseg_ros.runtime import wait_until
 from ovseg_ros.synth.world import generate_scene
 

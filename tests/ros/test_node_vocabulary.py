@@ -6,10 +6,10 @@ import threading
 import time
 
 import numpy as np
-from conftest import start_node
+from node_processes import start_node
 from std_msgs.msg import Header
 
-from ovseg_ros.image_conversions import image_to_array, rgb_to_image
+from ovseg_ros.ros.image_conversions import image_to_array, rgb_to_image
 from ovseg_ros.synth.world import generate_scene
 
 VOCABULARIES = [

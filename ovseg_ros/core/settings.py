@@ -1,19 +1,21 @@
-"""Every ovseg_node parameter in one table: default, description, range or choices, and whether it needs a reload.
+"""Every setting in one table (the node's parameters): default, description, range or choices, reload or not.
 
-ROS-free: the `ovseg` CLI and the benchmarks take their options and presets from it too. The node declares them
-with descriptors (so `ros2 param describe` explains them and rclpy enforces the ranges) and checks them again in
-the set-parameters callback, which refuses bad values with a reason.
+ROS-free. The node declares each as a parameter with a descriptor (`ovseg_ros/ros/parameters.py`), the `ovseg`
+CLI and the benchmarks generate their options from it, presets fill its defaults, and `make_settings` turns a
+set of values into the one typed, immutable `Settings` object the pipeline factory takes.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .core.clip_dense import DENSE_VARIANTS
-from .core.dense import REFINEMENTS, RESIZES, SYNONYM_MERGES, DenseConfig
-from .core.presets import DEFAULT_PRESET, PRESETS, get_preset
-from .core.vocabulary import DEFAULT_TEMPLATES
+from .clip_dense import DENSE_VARIANTS
+from .dense import REFINEMENTS, RESIZES, SYNONYM_MERGES, DenseConfig
+from .presets import DEFAULT_PRESET, PRESETS, get_preset
+from .vocabulary import DEFAULT_TEMPLATES
 
 DEFAULT_VOCABULARY = ("grass", "water", "sky", "wall", "sand", "red circle", "blue square", "yellow triangle")
 
@@ -29,21 +31,6 @@ class ParamSpec:
     choices: tuple[str, ...] = ()
     dynamic_typing: bool = False  # accepts more than one type (e.g. a string or a string array)
     dense_field: str | None = None  # the DenseConfig field this parameter sets
-
-    def descriptor(self):
-        """rcl_interfaces ParameterDescriptor (imported here: the table itself is ROS-free for the CLI and benches)."""
-        from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
-
-        text = self.description + (f" (one of: {', '.join(self.choices)})" if self.choices else "")
-        descriptor = ParameterDescriptor(description=text, read_only=self.read_only,
-                                         dynamic_typing=self.dynamic_typing)
-        if self.low is not None and isinstance(self.default, bool) is False:
-            if isinstance(self.default, int):
-                descriptor.integer_range = [IntegerRange(from_value=int(self.low), to_value=int(self.high), step=1)]
-            elif isinstance(self.default, float):
-                descriptor.floating_point_range = [FloatingPointRange(from_value=float(self.low),
-                                                                      to_value=float(self.high), step=0.0)]
-        return descriptor
 
     def check(self, value) -> str | None:
         """None if acceptable, else the reason."""
@@ -159,7 +146,66 @@ def preset_defaults(preset: str) -> dict[str, object]:
     return {spec.name: settings.get(spec.name, spec.default) for spec in SPECS}
 
 
-def dense_config(values: dict[str, object]) -> DenseConfig:
+def _settings_field(spec: ParamSpec) -> tuple[str, type, dataclasses.Field]:
+    kind = tuple if isinstance(spec.default, list) else type(spec.default)
+    default = tuple(spec.default) if isinstance(spec.default, list) else spec.default
+    return spec.name, kind, dataclasses.field(default=default)
+
+
+# The typed settings object: one frozen field per row of SPECS (lists become tuples), generated from the table so
+# no name is written twice. Built by `make_settings`; changed only by building a new one (`replace_settings`).
+Settings = dataclasses.make_dataclass("Settings", [_settings_field(spec) for spec in SPECS], frozen=True)
+Settings.__module__ = __name__
+Settings.__doc__ = "Every setting of one pipeline (see SPECS for each field's meaning, range and default)."
+
+
+def make_settings(values: Mapping[str, object] | None = None, preset: str | None = None) -> Settings:
+    """Settings from a preset's defaults (`values['preset']` or `preset`, else the default preset) with `values`
+    over them; ValueError with the first reason when a value is unknown, out of range or inconsistent."""
+    values = dict(values or {})
+    preset = values.get("preset", preset or DEFAULT_PRESET)
+    reason = SPEC_BY_NAME["preset"].check(preset)
+    if reason:
+        raise ValueError(reason)
+    merged = preset_defaults(preset)
+    unknown = set(values) - set(merged)
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+    merged.update(values, preset=preset)
+    for spec in SPECS:
+        reason = spec.check(merged[spec.name])
+        if reason:
+            raise ValueError(reason)
+    settings = Settings(**{name: tuple(value) if isinstance(value, list) else value for name, value in merged.items()})
+    check_consistent(settings)
+    return settings
+
+
+def replace_settings(settings: Settings, changes: Mapping[str, object]) -> Settings:
+    """A new Settings with `changes` applied and checked like `make_settings` (the old one is untouched)."""
+    return make_settings({**dataclasses.asdict(settings), **changes})
+
+
+def check_consistent(settings: Settings) -> DenseConfig:
+    """Rules across settings (ValueError with the reason); returns the dense configuration they describe."""
+    config = dense_config(dataclasses.asdict(settings))
+    if config.refinement == "sam" and not settings.sam_model:
+        raise ValueError("refinement 'sam' refines the dense labels with SAM and needs sam_model (it is empty)")
+    return config
+
+
+def describe_settings(settings: Settings) -> str:
+    """The model and dense settings in force, each marked '*' where it differs from the preset's value."""
+    preset = preset_defaults(settings.preset)
+    parts = []
+    for name in ["clip_model", *sorted(DENSE_PARAMETERS)]:
+        value = getattr(settings, name)
+        value = list(value) if isinstance(value, tuple) else value
+        parts.append(f"{name}={value}{'' if value == preset[name] else '*'}")
+    return " ".join(parts) + " (* = set explicitly, not the preset's)"
+
+
+def dense_config(values: Mapping[str, object]) -> DenseConfig:
     """The DenseConfig that parameter values describe (ValueError with the reason if they do not fit)."""
     fields = {}
     for name in DENSE_PARAMETERS:
@@ -196,8 +242,7 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def settings_from_args(args: argparse.Namespace) -> dict[str, object]:
-    """The preset's parameter values with every option the user gave put over them."""
-    values = preset_defaults(args.preset)
-    values.update({name: getattr(args, name) for name in values if getattr(args, name, None) is not None})
-    return values
+def settings_from_args(args: argparse.Namespace, **fixed) -> Settings:
+    """The preset's settings with every option the user gave put over them (and `fixed` over those)."""
+    given = {name: getattr(args, name) for name in SPEC_BY_NAME if getattr(args, name, None) is not None}
+    return make_settings({**given, **fixed, "preset": args.preset})

@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ovseg_ros.bench.accuracy import evaluate_dense, evaluate_prompts, make_segmenter
+from ovseg_ros.bench.accuracy import evaluate_dense, evaluate_prompts, world_pipeline
 from ovseg_ros.core.dense import DenseConfig
+from ovseg_ros.core.settings import make_settings
 from ovseg_ros.core.vocabulary import Vocabulary
 from ovseg_ros.synth.world import generate_scene, world_vocabulary
 
@@ -26,31 +27,28 @@ DCS_TAU = 0.3  # the node's recommended selection_threshold (README)
 
 
 @pytest.fixture(scope="module")
-def segmenter():
-    return make_segmenter("ovseg-demo-clip", DenseConfig())
+def pipeline():
+    """The demo models with the plain settings (no category selection), as the node builds them."""
+    return world_pipeline(make_settings({"selection_threshold": 0.0, "frame_cache_size": 2}))
 
 
-def test_dense_miou_floors(segmenter):
-    metrics = evaluate_dense(segmenter, scenes=24)
+def test_dense_miou_floors(pipeline):
+    metrics = evaluate_dense(pipeline, scenes=24)
     print(metrics)
     assert metrics["dense_miou_seen"] >= FLOORS["dense_miou_seen"], metrics
     assert metrics["dense_miou_held_out"] >= FLOORS["dense_miou_held_out"], metrics
 
 
-def test_prompt_iou_and_label_accuracy_floors(segmenter):
-    from ovseg_ros.core.prompt import PromptSegmenter
-    from ovseg_ros.core.registry import load_sam
-
-    prompter = PromptSegmenter(load_sam("ovseg-demo-sam"), segmenter.encoder, cache_size=2)
-    metrics = evaluate_prompts(segmenter, prompter, scenes=24)
+def test_prompt_iou_and_label_accuracy_floors(pipeline):
+    metrics = evaluate_prompts(pipeline, scenes=24)
     print(metrics)
     for key in ("prompt_iou_point", "prompt_iou_box", "label_accuracy_seen", "label_accuracy_held_out"):
         assert metrics[key] >= FLOORS[key], metrics
 
 
-def test_category_selection_keeps_the_ground_truth_classes(segmenter):
+def test_category_selection_keeps_the_ground_truth_classes(pipeline):
     """DCS must not throw away classes that are there: every GT class kept on >= 95% of the scenes."""
-    selecting = make_segmenter("ovseg-demo-clip", DenseConfig(selection_threshold=DCS_TAU))
+    selecting = pipeline.segmenter.with_config(DenseConfig(selection_threshold=DCS_TAU))
     vocab = world_vocabulary()
     prepared = selecting.prepare(Vocabulary(tuple(vocab)))
     kept_all, sizes = [], []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from rclpy.serialization import deserialize_message, serialize_message
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 
 

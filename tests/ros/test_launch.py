@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from ovseg_ros.cameras import CameraNameError
+from ovseg_ros.core.cameras import CameraNameError
 from ovseg_ros.runtime import Process, wait_until
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Recorded:

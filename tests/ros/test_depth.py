@@ -5,15 +5,15 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from conftest import TEST_SAM, start_node
 from geometry_msgs.msg import Point
+from node_processes import TEST_SAM, start_node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo, Image, PointCloud2
 from std_msgs.msg import Header
 from visualization_msgs.msg import Marker, MarkerArray
 
 from ovseg_ros.core.geometry import CLOUD_DTYPE
-from ovseg_ros.image_conversions import as_uint8_buffer, image_to_array, rgb_to_image, to_byte_array
+from ovseg_ros.ros.image_conversions import as_uint8_buffer, image_to_array, rgb_to_image, to_byte_array
 from ovseg_ros.runtime import wait_until
 from ovseg_ros.synth.world import generate_scene
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import start_node
+from node_processes import start_node
 
 from ovseg_ros.bench.soak import run_flood
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TEST_SAM, start_node
 from diagnostic_msgs.msg import DiagnosticArray
+from node_processes import TEST_SAM, start_node
 from std_msgs.msg import Header
 
-from ovseg_ros.cameras import CameraNameError, parse_camera_names
+from ovseg_ros.core.cameras import CameraNameError, parse_camera_names
 from ovseg_ros.core.dense import DenseConfig, DenseSegmenter
 from ovseg_ros.core.metrics import mask_iou
 from ovseg_ros.core.registry import load_clip
 from ovseg_ros.core.text_cache import TextEmbeddingCache
 from ovseg_ros.core.vocabulary import Vocabulary
-from ovseg_ros.image_conversions import image_to_array, rgb_to_image
+from ovseg_ros.ros.image_conversions import image_to_array, rgb_to_image
 from ovseg_ros.runtime import wait_until
 from ovseg_ros.synth.world import generate_scene, world_vocabulary
 

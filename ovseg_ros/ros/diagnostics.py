@@ -76,8 +76,43 @@ def diagnostic_status(name: str, stats: dict, extra: dict[str, str], last_error:
     return status
 
 
+def camera_statuses(title: str, cameras: list[tuple[str, StreamStats, object]], extra: dict[str, str],
+                    last_batch: int) -> list[DiagnosticStatus]:
+    """One status per camera (name, statistics, DepthPairer or None) with the node-wide values in `extra`."""
+    statuses = []
+    for name, stats, depth in cameras:
+        values = dict(extra)
+        if name:
+            values.update(camera=name, batched_cameras=str(len(cameras)), frames_in_last_tower_pass=str(last_batch))
+        if depth is not None:
+            values.update(depth_paired=str(depth.paired), depth_unpaired=str(depth.unpaired),
+                          depth_pairing_rate=f"{depth.rate():.2f}")
+        statuses.append(diagnostic_status(f"{title} ({name})" if name else title, stats.snapshot(), values,
+                                          stats.last_error))
+    return statuses
+
+
 def diagnostic_array(stamp, statuses: list[DiagnosticStatus]) -> DiagnosticArray:
     msg = DiagnosticArray()
     msg.header.stamp = stamp
     msg.status = statuses
     return msg
+
+
+class ReasonLog:
+    """Says whether to log: a new reason at once, repeats of the same reason on a channel at most every
+    `repeat_s` seconds (a camera sending the same bad frame at 30 Hz must not flood the log)."""
+
+    def __init__(self, repeat_s: float = 5.0) -> None:
+        self.repeat_s = repeat_s
+        self._last: dict[str, tuple[str, float]] = {}  # channel -> (message, when)
+        self._lock = threading.Lock()
+
+    def is_new(self, channel: str, message: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            last_message, last_time = self._last.get(channel, ("", -1e9))
+            if message == last_message and now - last_time < self.repeat_s:
+                return False
+            self._last[channel] = (message, now)
+        return True

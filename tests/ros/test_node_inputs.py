@@ -5,12 +5,12 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
-from conftest import start_node
 from diagnostic_msgs.msg import DiagnosticArray
+from node_processes import start_node
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from ovseg_ros.image_conversions import ImageError, image_to_rgb, rgb_to_image, to_byte_array
+from ovseg_ros.ros.image_conversions import ImageError, image_to_rgb, rgb_to_image, to_byte_array
 from ovseg_ros.runtime import wait_until
 
 

@@ -7,17 +7,17 @@ import threading
 import time
 
 import numpy as np
-from conftest import start_node
+from node_processes import start_node
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters, SetParametersAtomically
 from std_msgs.msg import Header
 
 from ovseg_ros.core.dense import DenseSegmenter
 from ovseg_ros.core.registry import load_clip
+from ovseg_ros.core.settings import dense_config, preset_defaults
 from ovseg_ros.core.text_cache import TextEmbeddingCache
 from ovseg_ros.core.vocabulary import Vocabulary
-from ovseg_ros.image_conversions import image_to_array, rgb_to_image
-from ovseg_ros.parameters import dense_config, preset_defaults
+from ovseg_ros.ros.image_conversions import image_to_array, rgb_to_image
 from ovseg_ros.synth.world import generate_scene
 
 VOCABULARY = ["grass", "water", "sky", "wall", "sand", "red circle", "blue square", "yellow triangle"]

@@ -79,11 +79,11 @@ def test_tensorrt_needs_cuda_and_auto_picks_the_fastest(tmp_path):
 
 
 def test_node_with_the_auto_backend(tmp_path, make_client):
-    from conftest import start_node
     from diagnostic_msgs.msg import DiagnosticArray
+    from node_processes import start_node
     from std_msgs.msg import Header
 
-    from ovseg_ros.image_conversions import rgb_to_image
+    from ovseg_ros.ros.image_conversions import rgb_to_image
     from ovseg_ros.synth.world import generate_scene
 
     proc = start_node(tmp_path, name="ovseg_auto", namespace="auto",

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from conftest import start_node
 from lifecycle_msgs.msg import Transition
 from lifecycle_msgs.srv import ChangeState, GetState
+from node_processes import start_node
 from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
 from rcl_interfaces.srv import SetParameters
 from std_msgs.msg import Header
 
-from ovseg_ros.image_conversions import rgb_to_image
+from ovseg_ros.ros.image_conversions import rgb_to_image
 from ovseg_ros.runtime import wait_until
 from ovseg_ros.synth.world import generate_scene
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import TEST_SAM, start_node
 from geometry_msgs.msg import Point
+from node_processes import TEST_SAM, start_node
 from std_msgs.msg import Header
 
 from ovseg_ros.core.metrics import mask_iou
-from ovseg_ros.image_conversions import image_to_array, rgb_to_image
+from ovseg_ros.ros.image_conversions import image_to_array, rgb_to_image
 from ovseg_ros.synth.world import HELD_OUT, generate_scene, world_vocabulary
 
 

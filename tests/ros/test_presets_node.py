@@ -3,12 +3,12 @@ is in force, 80-template vocabularies work end to end, and a bad preset or templ
 
 from __future__ import annotations
 
-from conftest import start_node
 from diagnostic_msgs.msg import DiagnosticArray
+from node_processes import start_node
 from rcl_interfaces.srv import GetParameters
 from std_msgs.msg import Header
 
-from ovseg_ros.image_conversions import rgb_to_image
+from ovseg_ros.ros.image_conversions import rgb_to_image
 from ovseg_ros.runtime import wait_until
 from ovseg_ros.synth.world import generate_scene
 

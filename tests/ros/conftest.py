@@ -1,24 +1,19 @@
-"""Shared fixtures: an isolated ROS graph per test run, real node processes, an in-process client."""
+"""Fixtures of the ROS-level tests: an isolated ROS graph per test run and in-process clients (node processes:
+node_processes.py)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 
 import pytest
 
-from ovseg_ros.runtime import Process, node_command, ros_environment
+from ovseg_ros.runtime import ros_environment
 
 # One DDS domain per pytest run (and localhost-only discovery) so parallel runs never see each other.
 _LOG_DIR = tempfile.mkdtemp(prefix="ovseg-test-logs-")
 os.environ.update(ros_environment(domain_id=int(os.environ.get("OVSEG_TEST_DOMAIN", 20 + os.getpid() % 200)),
                                   log_dir=_LOG_DIR))
-
-# Models for tests: the random-init small config starts fastest; accuracy tests use the trained demo weights.
-TEST_CLIP = os.environ.get("OVSEG_TEST_CLIP", "ovseg-demo-vit")
-TEST_SAM = os.environ.get("OVSEG_TEST_SAM", "ovseg-demo-sam")
-
 
 @pytest.fixture(scope="session")
 def ros():
@@ -28,13 +23,6 @@ def ros():
         rclpy.init()
     yield
     rclpy.try_shutdown()
-
-
-def start_node(tmp_path: Path, name: str = "ovseg", namespace: str | None = None, params: dict | None = None,
-               module: str = "ovseg_ros.node", **kwargs) -> Process:
-    merged = {"clip_model": TEST_CLIP, "sam_model": "", **(params or {})}
-    cmd = node_command(module, node_name=name, namespace=namespace, params=merged, **kwargs)
-    return Process(cmd, dict(os.environ), tmp_path / f"{namespace or 'root'}-{name}.log")
 
 
 @pytest.fixture

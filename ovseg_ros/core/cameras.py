@@ -1,4 +1,5 @@
-"""Several cameras served by one node and one model: names, topics and per-camera state.
+"""Several cameras served by one node and one model: camera names and their topics (no ROS imports, so the
+launch file can check names cheaply).
 
 A node with `cameras: [front, rear]` subscribes to `front/image` and `rear/image` (relative to its namespace),
 publishes `front/labels`, `rear/labels`, ... and segments the newest frame of every camera in one batched pass of
@@ -8,11 +9,6 @@ the image tower. With no names it is the plain one-camera node (`image`, `labels
 from __future__ import annotations
 
 import re
-import time
-from dataclasses import dataclass, field
-
-from .depth_output import DepthPairer, PairedDepth
-from .diagnostics import StreamStats
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(/[A-Za-z][A-Za-z0-9_]*)*$")
 
@@ -52,39 +48,6 @@ def parse_camera_names(value: str | list[str] | tuple[str, ...]) -> list[str]:
     return names or [""]
 
 
-@dataclass
-class Frame:
-    msg: object  # sensor_msgs Image or CompressedImage
-    received: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class Camera:
-    """One camera's subscription slot, outputs, statistics and prompt cache; the model is shared."""
-
-    name: str  # "" = the node's own topics
-    stats: StreamStats = field(default_factory=StreamStats)
-    slot: Frame | None = None  # the newest unprocessed frame
-    subscription: object = None
-    publishers: dict[str, object] = field(default_factory=dict)
-    prompter: object = None  # PromptSegmenter over the shared SAM, or None
-    depth: DepthPairer | None = None
-    headers: dict[tuple[int, int], object] = field(default_factory=dict)  # cached frame stamp -> header
-    depth_frames: dict[tuple[int, int], PairedDepth] = field(default_factory=dict)
-
-    def topic(self, base: str) -> str:
-        return f"{self.name}/{base}" if self.name else base
-
-    @property
-    def log_prefix(self) -> str:
-        """What a log line about this camera starts with ("" for the one unnamed camera)."""
-        return f"[{self.name}] " if self.name else ""
-
-    def remember(self, key: tuple[int, int], header, paired: PairedDepth | None, size: int) -> None:
-        """Keep the header (and depth) of a cached frame for as long as the prompt cache keeps the frame."""
-        self.headers[key] = header
-        if paired is not None:
-            self.depth_frames[key] = paired
-        for cache in (self.headers, self.depth_frames):
-            while len(cache) > size:
-                cache.pop(next(iter(cache)))
+def camera_topic(camera: str, base: str) -> str:
+    """`base` under a camera's name ("front/labels"), or `base` itself for the one unnamed camera."""
+    return f"{camera}/{base}" if camera else base

@@ -1,0 +1,376 @@
+"""The whole frame pipeline, ROS-free: one factory, one settings object, one call per batch.
+
+A frame's path: `process_batch` takes one settings snapshot and one vocabulary reference for the batch, runs the
+image tower once over every camera's frame, labels each frame (dense segmenter), caches it for prompts with its
+header and depth (one cache per camera), refines the labels with SAM when the snapshot says so, draws the overlay,
+computes the 3D outputs from the paired depth and, if asked, segments everything -- and returns all of it as a
+`FrameOutput` per frame, which the node only converts to messages. Prompts (`answer_prompts`) and vocabulary
+changes (`set_vocabulary`: validate, embed, persist, swap) go through the same object, so the node, the `ovseg`
+CLI, the benchmarks and the demo share one implementation built by `build_pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .dense import DenseSegmenter, PreparedVocabulary, SegmentationResult
+from .geometry import PairedDepth, Region3D, class_regions, labelled_cloud_points, region_centroid
+from .overlay import blend, draw_prompt_answers
+from .prompt import CachedFrame, Prompt, PromptAnswer, PromptError, PromptSegmenter
+from .settings import Settings, check_consistent, replace_settings
+from .text_cache import TextEmbeddingCache
+from .vocabulary import (
+    Vocabulary,
+    VocabularyError,
+    VocabularyLimits,
+    load_vocabulary,
+    make_vocabulary,
+    save_vocabulary,
+)
+
+LOG = logging.getLogger("ovseg_ros.pipeline")
+FrameKey = tuple[int, int]  # (sec, nanosec) of the frame's header stamp: how prompts name a cached frame
+REQUESTS = "\0requests"  # the frame cache of images sent with prompt requests (never a camera's name)
+
+
+def frame_key(stamp) -> FrameKey:
+    """The cache key of anything with `sec` and `nanosec` (a builtin_interfaces Time)."""
+    return int(stamp.sec), int(stamp.nanosec)
+
+
+@dataclass
+class FrameInput:
+    """One camera frame handed to `process_batch`."""
+
+    camera: str  # camera name ("" = the one unnamed camera)
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    key: FrameKey
+    header: object = None  # returned untouched with the outputs and with prompt answers on this frame
+    depth: PairedDepth | None = None  # depth paired with this frame (aligned, metres)
+
+
+@dataclass
+class FrameOutput:
+    """Everything published for one frame; `error` set (and nothing else) if this frame failed alone."""
+
+    frame: FrameInput
+    result: SegmentationResult | None = None
+    vocabulary: Vocabulary | None = None  # the vocabulary `result` was computed with
+    overlay: np.ndarray | None = None  # (H, W, 3) uint8 RGB, when publish_overlay
+    depth: PairedDepth | None = None  # the paired depth limited to max_range_m
+    cloud: np.ndarray | None = None  # CLOUD_DTYPE points, with depth
+    regions: list[Region3D] | None = None  # per present class, with depth and publish_markers
+    instances: np.ndarray | None = None  # (H, W) uint16 instance ids (0 = none), when segment_everything
+    instance_answers: list[PromptAnswer] = field(default_factory=list)
+    settings: Settings | None = None  # the snapshot this frame was computed with
+    error: str = ""
+
+
+@dataclass
+class PromptRequest:
+    """A prompt query in core terms (the node converts SegmentPrompt / PromptQuery to this)."""
+
+    prompts: list[Prompt]
+    camera: str = ""  # "" = the first camera
+    key: FrameKey | None = None  # a cached frame's stamp; None = the newest
+    image: np.ndarray | None = None  # (H, W, 3) uint8 RGB sent with the request: cached apart from camera frames
+    image_key: FrameKey = (0, 0)
+    image_header: object = None
+    vocabulary: list[str] = field(default_factory=list)  # non-empty: label with these names instead (version 0)
+    multimask: bool = False
+    crop_fusion: bool = False
+
+
+@dataclass
+class PromptOutcome:
+    frame: CachedFrame  # the frame the prompts were answered on (header and depth with it)
+    camera: str
+    answers: list[PromptAnswer]
+    vocabulary_version: int  # 0 when the request brought its own vocabulary
+    places: list[tuple[np.ndarray, np.ndarray] | None] | None  # per answer (centroid, extent), None = no depth
+    overlay: np.ndarray | None  # the answers drawn on the frame, when publish_overlay
+
+
+@dataclass(frozen=True)
+class VocabularyChange:
+    success: bool
+    message: str
+    version: int  # the version in force afterwards (0 = no model)
+
+
+class SegmentationPipeline:
+    """Dense segmentation, prompts, refinement, 3D and the vocabulary of one node's cameras, on shared models.
+
+    Thread-safe for one batch worker plus any number of service threads: settings and vocabulary are immutable
+    objects swapped by reference, and each batch or request reads each reference once.
+    """
+
+    def __init__(self, settings: Settings, segmenter: DenseSegmenter, prompter: PromptSegmenter | None,
+                 vocabulary: Vocabulary, cameras: list[str]) -> None:
+        self.cameras = list(cameras) or [""]
+        self.limits = VocabularyLimits(max_classes=settings.max_classes, max_name_length=settings.max_name_length)
+        self._segmenter = segmenter
+        self._settings = (settings, segmenter.with_config(check_consistent(settings)))
+        self._prepared = self._segmenter.prepare(vocabulary)
+        self._vocab_lock = threading.Lock()  # serialises changes; readers just take the reference
+        self.prompters: dict[str, PromptSegmenter] = {}  # camera (or REQUESTS) -> its own frame cache
+        if prompter is not None:  # one SAM and one CLIP; a frame cache per camera and one for sent images
+            self.prompters[self.cameras[0]] = prompter
+            for name in [*self.cameras[1:], REQUESTS]:
+                self.prompters[name] = prompter.for_another_camera()
+        self.last_batch = 0  # frames in the last image-tower pass
+
+    # ------------------------------------------------------------------ state
+    @property
+    def settings(self) -> Settings:
+        return self._settings[0]
+
+    @property
+    def segmenter(self) -> DenseSegmenter:
+        """The dense segmenter frozen to the current settings."""
+        return self._settings[1]
+
+    @property
+    def prepared(self) -> PreparedVocabulary:
+        return self._prepared
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self._prepared.vocabulary
+
+    @property
+    def has_prompts(self) -> bool:
+        return bool(self.prompters)
+
+    def update_settings(self, changes: dict[str, object]) -> Settings:
+        """Apply setting changes as one new snapshot (ValueError with the reason, nothing changed, if refused)."""
+        settings = replace_settings(self.settings, changes)
+        config = check_consistent(settings)
+        if config.refinement == "sam" and not self.has_prompts:
+            raise ValueError("refinement 'sam' needs the SAM model, which this pipeline has not loaded")
+        self._settings = (settings, self._segmenter.with_config(config))  # one reference swap
+        return settings
+
+    def describe(self) -> dict[str, str]:
+        """Model, device, backend and vocabulary, for diagnostics."""
+        segmenter = self.segmenter
+        runner = segmenter.active_runner
+        backend = self.settings.backend
+        if runner is not None:
+            chosen = getattr(runner, "chosen", None)  # auto: the backend it measured fastest
+            backend = f"auto -> {chosen.name}" if chosen is not None else runner.name
+        return {"model": segmenter.encoder.model_id, "device": str(segmenter.encoder.device), "backend": backend,
+                "vocabulary_version": str(self._prepared.version), "classes": str(len(self.vocabulary))}
+
+    # ------------------------------------------------------------------ frames
+    def warm_up(self) -> None:
+        """One pass at start so the first camera frame does not pay for lazy initialisation."""
+        self.segmenter.segment(np.zeros((64, 64, 3), np.uint8), self._prepared)
+
+    def process_batch(self, frames: list[FrameInput]) -> list[FrameOutput]:
+        """Segment every frame in one tower pass and compute all their outputs with ONE settings snapshot and ONE
+        vocabulary. A failing frame gets `error`; the others go on."""
+        settings, segmenter = self._settings
+        prepared = self._prepared
+        self.last_batch = len(frames)
+        if not frames:
+            return []
+        try:
+            results = segmenter.segment_batch([frame.image for frame in frames], prepared)
+        except Exception as exc:  # one bad batch must never stop the stream
+            return [FrameOutput(frame, error=f"frame failed: {exc!r}") for frame in frames]
+        outputs = []
+        for frame, result in zip(frames, results, strict=True):
+            try:
+                outputs.append(self._finish(frame, result, prepared, settings))
+            except Exception as exc:
+                outputs.append(FrameOutput(frame, error=f"frame failed: {exc!r}"))
+        return outputs
+
+    def _finish(self, frame: FrameInput, result: SegmentationResult, prepared: PreparedVocabulary,
+                settings: Settings) -> FrameOutput:
+        output = FrameOutput(frame, vocabulary=prepared.vocabulary, settings=settings)
+        depth = frame.depth.limited(settings.max_range_m) if frame.depth is not None else None
+        prompter = self.prompters.get(frame.camera)
+        if prompter is not None:
+            prompter.add_frame(frame.key, frame.image, result.dense_features, frame.header, depth)
+            if result.config.refinement == "sam":
+                result = prompter.refine_result(frame.key, result, prepared, result.config.score_threshold)
+        output.result = result
+        names = prepared.vocabulary.display_names
+        if settings.publish_overlay:
+            output.overlay = blend(frame.image, result.labels, len(names), alpha=float(settings.overlay_alpha),
+                                   names=names, class_ids=result.class_ids, class_areas=result.class_areas)
+        if depth is not None:
+            output.depth = depth
+            output.cloud = labelled_cloud_points(depth, frame.image, result.labels, result.confidence,
+                                                 settings.cloud_stride)
+            if settings.publish_markers:
+                output.regions = class_regions(depth, result.labels, result.class_ids, names)
+        if prompter is not None and settings.segment_everything:
+            output.instances, output.instance_answers = prompter.segment_everything(
+                frame.key, prepared, points_per_side=settings.everything_points_per_side)
+        return output
+
+    # ------------------------------------------------------------------ prompts
+    def answer_prompts(self, request: PromptRequest) -> PromptOutcome:
+        """Open-Vocabulary SAM on a cached camera frame or on the request's own image; PromptError if refused."""
+        if not self.prompters:
+            raise PromptError("prompts are disabled: no sam_model")
+        camera = self.camera_named(request.camera)
+        prepared, version = self._prepared, self._prepared.version
+        if request.vocabulary:
+            override = make_vocabulary(list(request.vocabulary), [], previous=prepared.vocabulary,
+                                       limits=self.limits)
+            prepared, version = self.segmenter.prepare(override), 0
+        if request.image is not None:  # the client's image, in a cache of its own: never a camera's frame
+            source = REQUESTS
+            self.prompters[source].add_frame(request.image_key, request.image,
+                                             self.segmenter.frame_features(request.image), request.image_header)
+            key = request.image_key
+        else:
+            key = request.key
+            source = self._frame_source(camera, key)
+        prompter = self.prompters[source]
+        frame, answers = prompter.query(prompter.frame(key).key, request.prompts, prepared,
+                                        multimask=request.multimask, crop_fusion=request.crop_fusion)
+        places = None
+        if frame.depth is not None:
+            places = [region_centroid(a.mask, frame.depth.depth_m, frame.depth.intrinsics) for a in answers]
+        overlay = draw_prompt_answers(frame.image, answers, request.prompts) if self.settings.publish_overlay \
+            else None
+        return PromptOutcome(frame, camera, answers, version, places, overlay)
+
+    def camera_named(self, name: str) -> str:
+        """The camera a request means: empty = the first; an unknown name is refused with the known ones."""
+        name = name.strip().strip("/")
+        if not name:
+            return self.cameras[0]
+        if name in self.cameras:
+            return name
+        known = ", ".join(c for c in self.cameras if c) or "none (this node has one unnamed camera)"
+        raise PromptError(f"unknown camera {name!r}; cameras of this node: {known}")
+
+    def _frame_source(self, camera: str, key: FrameKey | None) -> str:
+        """Where a by-stamp prompt finds its frame: the camera's frames first, then images sent with earlier
+        requests (kept apart, so a client's image never stands in for a camera frame with the same stamp).
+        No stamp means the camera's newest frame, or the newest sent image while the camera has none."""
+        own, sent = self.prompters[camera].cached_keys(), self.prompters[REQUESTS].cached_keys()
+        if key is None:
+            return camera if own or not sent else REQUESTS
+        if key in own:
+            return camera
+        return REQUESTS if key in sent or not own else camera
+
+    # ------------------------------------------------------------------ vocabulary
+    def set_vocabulary(self, labels: list[str], templates: list[str]) -> VocabularyChange:
+        """Validate, embed, persist, swap -- in that order: a change that cannot be kept is not made. Never raises."""
+        with self._vocab_lock:
+            current = self._prepared
+            try:
+                vocabulary = make_vocabulary(labels, templates, previous=current.vocabulary, limits=self.limits)
+                prepared = self.segmenter.prepare(vocabulary)
+            except VocabularyError as exc:
+                return VocabularyChange(False, str(exc), current.version)
+            except Exception as exc:  # text encoding failure must not take the node down
+                return VocabularyChange(False, f"embedding the vocabulary failed: {exc!r}", current.version)
+            path = vocabulary_path(self.settings)
+            if path:
+                try:
+                    save_vocabulary(vocabulary, path)
+                except OSError as exc:
+                    return VocabularyChange(False, f"cannot save the vocabulary to {path} ({exc}); the vocabulary "
+                                                   "in force is unchanged", current.version)
+            self._prepared = prepared
+        return VocabularyChange(True, f"vocabulary v{vocabulary.version}: {len(vocabulary)} classes",
+                                vocabulary.version)
+
+
+# ---------------------------------------------------------------------- factory
+def vocabulary_path(settings: Settings) -> str:
+    """vocabulary_file with ~ expanded (the same file is saved and restored); "" = no persistence."""
+    return os.path.expanduser(settings.vocabulary_file) if settings.vocabulary_file else ""
+
+
+def initial_vocabulary(settings: Settings, log: Callable[[int, str], None]) -> Vocabulary:
+    """The persisted vocabulary if there is a valid one (a restart keeps what the operator set); a file that
+    cannot be used is renamed FILE.bad-TIME and the `vocabulary` setting is used."""
+    limits = VocabularyLimits(max_classes=settings.max_classes, max_name_length=settings.max_name_length)
+    path = vocabulary_path(settings)
+    if path and os.path.exists(path):
+        try:
+            vocabulary = load_vocabulary(path, limits)
+            log(logging.INFO, f"restored vocabulary v{vocabulary.version} ({len(vocabulary)} classes) from {path}")
+            return vocabulary
+        except VocabularyError as exc:
+            log(logging.WARNING, f"{exc}; moved it to {set_aside(path)} and using the `vocabulary` parameter "
+                                 "instead")
+    return make_vocabulary(list(settings.vocabulary), list(settings.prompt_templates), limits=limits)
+
+
+def set_aside(path: str) -> str:
+    """Rename a state file that cannot be used to PATH.bad-<time>, so the next start does not trip over it."""
+    aside = f"{path}.bad-{time.strftime('%Y%m%dT%H%M%S')}"
+    try:
+        os.replace(path, aside)
+    except OSError as exc:
+        return f"(could not move it: {exc})"
+    return aside
+
+
+def build_segmenter(settings: Settings) -> DenseSegmenter:
+    """The dense segmenter `settings` describe: CLIP from the registry, text cache, backend built and checked."""
+    from .backends import BackendUnavailable
+    from .registry import ModelError, load_clip
+
+    encoder = load_clip(settings.clip_model, device=settings.device)
+    cache = TextEmbeddingCache(encoder.encode_text, encoder.model_id, settings.text_cache_dir or None)
+    segmenter = DenseSegmenter(encoder, cache, check_consistent(settings), backend=settings.backend,
+                               engine_cache_dir=settings.engine_cache_dir or None)
+    try:
+        segmenter.runner()
+    except BackendUnavailable as exc:
+        raise ModelError(f"backend '{settings.backend}' cannot run here: {exc}") from exc
+    return segmenter
+
+
+def build_prompter(settings: Settings, segmenter: DenseSegmenter) -> PromptSegmenter | None:
+    """Open-Vocabulary SAM over the segmenter's CLIP, or None when sam_model is empty."""
+    from .registry import load_sam
+
+    if not settings.sam_model:
+        return None
+    sam = load_sam(settings.sam_model, device=settings.device)
+    return PromptSegmenter(sam, segmenter.encoder, cache_size=settings.frame_cache_size,
+                           eager_sam=settings.eager_sam, top_k=settings.prompt_top_k)
+
+
+def build_pipeline(settings: Settings, cameras: list[str] | None = None, vocabulary: Vocabulary | None = None,
+                   log: Callable[[int, str], None] | None = None, warm_up: bool = True) -> SegmentationPipeline:
+    """The one factory: models from the registry (verified), the vocabulary (given, restored or from settings),
+    one frame cache per camera. ModelError / VocabularyError / ValueError say why it cannot be built."""
+    from .cameras import parse_camera_names
+
+    log = log or (lambda level, message: LOG.log(level, message))
+    check_consistent(settings)
+    names = cameras if cameras is not None else parse_camera_names(settings.cameras)
+    segmenter = build_segmenter(settings)
+    if segmenter.encoder.model_id.split("@")[1].startswith("random"):
+        log(logging.WARNING, f"CLIP '{settings.clip_model}' runs with seeded random weights: the labels mean nothing")
+    log(logging.INFO, f"image tower backend: {segmenter.runner().name}")
+    prompter = build_prompter(settings, segmenter)
+    if prompter is None:
+        log(logging.INFO, "sam_model is empty: segment_prompt is disabled")
+    pipeline = SegmentationPipeline(settings, segmenter, prompter, vocabulary or initial_vocabulary(settings, log),
+                                    names)
+    if warm_up:
+        pipeline.warm_up()
+    return pipeline
+

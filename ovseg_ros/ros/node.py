@@ -1,0 +1,387 @@
+"""ovseg_node: lifecycle, parameters, topics and services around the ROS-free `SegmentationPipeline`.
+
+Wiring only: parameters become one `Settings` (ros/parameters.py), frames go through the latest-frame scheduler
+(ros/scheduler.py) into one `pipeline.process_batch` call per batch, and messages are built in ros/messages.py.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import rclpy
+import torch
+from diagnostic_msgs.msg import DiagnosticArray
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from visualization_msgs.msg import MarkerArray
+
+from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentation
+from ovseg_interfaces.srv import GetVocabulary, SegmentPrompt, SetVocabulary
+
+from ..core.cameras import camera_topic, parse_camera_names
+from ..core.geometry import DepthError
+from ..core.pipeline import FrameInput, FrameOutput, SegmentationPipeline, build_pipeline, frame_key
+from ..core.prompt import PromptError
+from ..core.settings import SPEC_BY_NAME, describe_settings
+from ..core.vocabulary import VocabularyError
+from . import messages
+from .depth import DepthPairer
+from .diagnostics import ReasonLog, StreamStats, camera_statuses, diagnostic_array
+from .image_conversions import ImageError, rgb_to_image
+from .parameters import declare_settings, plain, read_settings
+from .scheduler import LatestFrameScheduler, Pending
+
+
+@dataclass
+class CameraIO:
+    """One camera's ROS side: subscription, publishers, depth pairing and statistics."""
+
+    name: str  # "" = the node's own topics
+    stats: StreamStats = field(default_factory=StreamStats)
+    subscription: object = None
+    publishers: dict[str, object] = field(default_factory=dict)
+    depth: DepthPairer | None = None
+
+    def topic(self, base: str) -> str:
+        return camera_topic(self.name, base)
+
+    @property
+    def log_prefix(self) -> str:
+        return f"[{self.name}] " if self.name else ""
+
+
+class OvsegNode(LifecycleNode):
+    """Dense open-vocabulary segmentation of camera streams, with a run-time vocabulary and prompts.
+
+    configure builds the pipeline (models loaded and warmed up), activate subscribes to the cameras, deactivate
+    unsubscribes, cleanup releases the models. With `autostart` (the default) it configures and activates itself.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__("ovseg", **kwargs)
+        self.startup_error = declare_settings(self)
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self.pipeline: SegmentationPipeline | None = None
+        self.cameras: dict[str, CameraIO] = {}
+        self.scheduler: LatestFrameScheduler | None = None
+        self.lifecycle_state = "unconfigured"
+        self._entities: list[tuple[str, object]] = []  # created by configure, destroyed by cleanup
+        self._log_reason = ReasonLog()
+        self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_timer(1.0, self._publish_diagnostics)
+        self.configure_failed = False
+        if self.startup_error:
+            self.get_logger().fatal(f"configure failed: {self.startup_error}")
+            self.configure_failed = True
+        elif self.get_parameter("autostart").value:
+            self.configure_failed = self.trigger_configure() != TransitionCallbackReturn.SUCCESS
+            if not self.configure_failed:
+                self.trigger_activate()
+
+    # ------------------------------------------------------------------ lifecycle
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        if self.startup_error:
+            self.get_logger().fatal(f"configure failed: {self.startup_error}")
+            return TransitionCallbackReturn.FAILURE
+        try:
+            settings = read_settings(self)
+            names = parse_camera_names(settings.cameras)
+            self.pipeline = build_pipeline(settings, names, log=self._log)
+            self.cameras = {name: CameraIO(name) for name in names}
+            self._create_entities()
+        except Exception as exc:  # ModelError, VocabularyError, ValueError, a folder that cannot be made, ...
+            self.get_logger().fatal(f"configure failed: {exc}" if isinstance(exc, ValueError | RuntimeError)
+                                    else f"configure failed: {type(exc).__name__}: {exc}")
+            self._destroy_entities()
+            self._release()
+            return TransitionCallbackReturn.FAILURE
+        self.scheduler = LatestFrameScheduler(names, self._process,
+                                              lambda: self.pipeline.settings.max_rate_hz if self.pipeline else 0.0,
+                                              lambda exc: self.get_logger().error(f"batch failed: {exc!r}"))
+        self.scheduler.start()
+        described = self.pipeline.describe()
+        vocabulary = self.pipeline.vocabulary
+        self.get_logger().info(
+            f"configured: model {described['model']} on {described['device']}, {len(vocabulary)} classes "
+            f"(vocabulary v{vocabulary.version}, {len(vocabulary.templates)} templates), variant "
+            f"{settings.dense_variant}, prompts {'on' if self.pipeline.has_prompts else 'off'}, cameras: "
+            f"{', '.join(names) if names[0] else 'one (image)'}")
+        self.get_logger().info(f"preset {settings.preset}: {describe_settings(settings)}")
+        self.lifecycle_state = "inactive"
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        settings = self.pipeline.settings
+        qos = messages.image_qos(settings.image_qos, settings.qos_depth, settings.image_reliability)
+        for camera in self.cameras.values():
+            def store(msg, camera=camera) -> None:
+                camera.stats.on_received(replaced_unprocessed=self.scheduler.offer(camera.name, msg))
+
+            if settings.input_type == "compressed":
+                camera.subscription = self.create_subscription(CompressedImage, camera.topic("image/compressed"),
+                                                               store, qos)
+            else:
+                camera.subscription = self.create_subscription(Image, camera.topic("image"), store, qos)
+        result = super().on_activate(state)
+        self._publish_label_info()
+        self.lifecycle_state = "active"
+        self.get_logger().info("active: segmenting the camera stream")
+        return result
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        for camera in self.cameras.values():
+            if camera.subscription is not None:
+                self.destroy_subscription(camera.subscription)
+                camera.subscription = None
+        self.scheduler.clear()
+        self.lifecycle_state = "inactive"
+        self.get_logger().info("inactive: cameras unsubscribed")
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.stop()
+        self._destroy_entities()
+        self._release()
+        self.lifecycle_state = "unconfigured"
+        self.get_logger().info("cleaned up: models released")
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self.stop()
+        self._release()
+        self.lifecycle_state = "finalized"
+        return TransitionCallbackReturn.SUCCESS
+
+    def stop(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
+
+    def _release(self) -> None:
+        self.pipeline = None
+        self.cameras = {}
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _log(self, level: int, message: str) -> None:
+        # One call per severity: rclpy refuses one call site logging at two severities.
+        if level >= logging.ERROR:
+            self.get_logger().error(message)
+        elif level >= logging.WARNING:
+            self.get_logger().warning(message)
+        else:
+            self.get_logger().info(message)
+
+    # ------------------------------------------------------------------ set-up
+    def _create_entities(self) -> None:
+        settings, has_prompts = self.pipeline.settings, self.pipeline.has_prompts
+        per_camera = {"labels": Image, "segmentation": Segmentation, "overlay": Image, "instances": Segmentation}
+        if settings.use_depth:
+            per_camera.update(labels_cloud=PointCloud2, labels_markers=MarkerArray)
+        for camera in self.cameras.values():
+            camera.publishers = {base: self._publisher(kind, camera.topic(base), messages.OUTPUT_DEPTH)
+                                 for base, kind in per_camera.items()}
+            if settings.use_depth:
+                camera.depth = DepthPairer(settings.depth_buffer_size, settings.depth_tolerance_s)
+                qos = messages.image_qos(settings.image_qos, settings.qos_depth, settings.image_reliability)
+                self._keep("subscription", self.create_subscription(Image, camera.topic("depth/image"),
+                                                                    camera.depth.add_depth, qos))
+                self._keep("subscription", self.create_subscription(CameraInfo, camera.topic("depth/camera_info"),
+                                                                    camera.depth.add_info, 10))
+        self.pub_label_info = self._publisher(LabelInfo, "label_info", messages.LATCHED_QOS)  # one for all cameras
+        self.pub_prompt_result = self._publisher(PromptResult, "prompt_result", 10)
+        services = MutuallyExclusiveCallbackGroup()  # text encoding never blocks the image callback
+        self._keep("service", self.create_service(SetVocabulary, "set_vocabulary", self._on_set_vocabulary,
+                                                  qos_profile=messages.SERVICE_QOS, callback_group=services))
+        self._keep("service", self.create_service(GetVocabulary, "get_vocabulary", self._on_get_vocabulary,
+                                                  qos_profile=messages.SERVICE_QOS, callback_group=services))
+        if has_prompts:
+            prompts = MutuallyExclusiveCallbackGroup()
+            self._keep("service", self.create_service(SegmentPrompt, "segment_prompt", self._on_segment_prompt,
+                                                      qos_profile=messages.SERVICE_QOS, callback_group=prompts))
+            self._keep("subscription", self.create_subscription(PromptQuery, "prompt", self._on_prompt_topic, 10,
+                                                                callback_group=prompts))
+
+    def _publisher(self, kind, topic: str, qos):
+        return self._keep("publisher", self.create_lifecycle_publisher(kind, topic, qos))
+
+    def _keep(self, kind: str, entity):
+        self._entities.append((kind, entity))
+        return entity
+
+    def _destroy_entities(self) -> None:
+        destroy = {"service": self.destroy_service, "publisher": self.destroy_lifecycle_publisher,
+                   "subscription": self.destroy_subscription}
+        for kind, entity in self._entities:
+            destroy[kind](entity)
+        self._entities.clear()
+
+    # ------------------------------------------------------------------ frames
+    def _process(self, batch: list[tuple[str, Pending]]) -> None:
+        """Decode and pair each camera's frame (a bad one is refused alone), one pipeline call, publish."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
+        settings = pipeline.settings
+        inputs, received = [], {}
+        for name, pending in batch:
+            camera, msg = self.cameras[name], pending.item
+            try:
+                rgb = messages.decode_frame(msg, int(settings.max_image_pixels))
+            except ImageError as exc:
+                self._refuse(camera, f"frame refused: {exc}", error=False)
+                continue
+            inputs.append(FrameInput(name, rgb, frame_key(msg.header.stamp), msg.header, self._pair(camera, msg, rgb)))
+            received[name] = pending.received
+        for output in pipeline.process_batch(inputs):
+            camera = self.cameras[output.frame.camera]
+            if output.error:
+                self._refuse(camera, output.error, error=True)
+                continue
+            try:
+                self._publish(camera, output)
+            except Exception as exc:
+                self._refuse(camera, f"frame failed: {exc!r}", error=True)
+                continue
+            camera.stats.on_processed(received[camera.name])
+
+    def _pair(self, camera: CameraIO, msg, rgb):
+        """The frame's depth, or None with a (throttled) warning saying why; never an error."""
+        if camera.depth is None:
+            return None
+        camera.depth.tolerance_s = self.pipeline.settings.depth_tolerance_s
+        try:
+            return camera.depth.pair(msg.header.stamp, rgb.shape[:2])
+        except DepthError as exc:
+            message = f"{camera.log_prefix}no 3D output for this frame: {exc}"
+            if self._log_reason.is_new(f"depth/{camera.name}", message):
+                self.get_logger().warning(message)
+            return None
+
+    def _publish(self, camera: CameraIO, output: FrameOutput) -> None:
+        for base, msg in messages.frame_messages(output).items():
+            camera.publishers[base].publish(msg)
+
+    def _refuse(self, camera: CameraIO, message: str, error: bool) -> None:
+        """Count every refusal; the log says each new reason."""
+        camera.stats.on_rejected(message)
+        if not self._log_reason.is_new(f"refusal/{camera.name}", camera.log_prefix + message):
+            return
+        if error:
+            self.get_logger().error(camera.log_prefix + message)
+        else:
+            self.get_logger().warning(camera.log_prefix + message)
+
+    # ------------------------------------------------------------------ services
+    def _on_set_vocabulary(self, request: SetVocabulary.Request, response: SetVocabulary.Response):
+        pipeline = self.pipeline
+        if pipeline is None:
+            response.success, response.message = False, "no model is configured (the node is unconfigured or " \
+                                                        "shutting down)"
+            return response
+        change = pipeline.set_vocabulary(list(request.labels), list(request.prompt_templates))
+        response.success, response.message = change.success, change.message
+        response.vocabulary_version = change.version
+        if change.success:
+            self._publish_label_info()
+            self.get_logger().info(change.message)
+        else:
+            self.get_logger().warning(f"set_vocabulary refused: {change.message}")
+        return response
+
+    def _on_get_vocabulary(self, request: GetVocabulary.Request, response: GetVocabulary.Response):
+        pipeline = self.pipeline
+        if pipeline is None:  # shut down or cleaned up: an empty answer (version 0), never a crash
+            self.get_logger().warning("get_vocabulary while no model is configured: answered empty, version 0")
+            return response
+        vocabulary = pipeline.vocabulary
+        response.labels, response.prompt_templates = list(vocabulary.labels), list(vocabulary.templates)
+        response.vocabulary_version = vocabulary.version
+        return response
+
+    def _on_segment_prompt(self, request: SegmentPrompt.Request, response: SegmentPrompt.Response):
+        pipeline = self.pipeline
+        try:
+            if pipeline is None:
+                raise PromptError("no model is configured (the node is unconfigured or shutting down)")
+            outcome = pipeline.answer_prompts(messages.prompt_request(request, int(pipeline.settings.max_image_pixels)))
+            messages.fill_prompt_response(response, outcome, request.image.header)
+            if outcome.overlay is not None:
+                self.cameras[outcome.camera].publishers["overlay"].publish(
+                    rgb_to_image(outcome.overlay, response.header))
+        except (PromptError, ImageError, VocabularyError) as exc:
+            response.success, response.message = False, str(exc)
+            self.get_logger().warning(f"segment_prompt refused: {exc}")
+        except Exception as exc:  # never let one request take the node down
+            response.success, response.message = False, f"segment_prompt failed: {exc!r}"
+            self.get_logger().error(response.message)
+        return response
+
+    def _on_prompt_topic(self, query: PromptQuery) -> None:
+        response = self._on_segment_prompt(messages.request_from_query(query), SegmentPrompt.Response())
+        self.pub_prompt_result.publish(messages.result_from_response(response, query.request_id))
+
+    def _on_set_parameters(self, params) -> SetParametersResult:
+        """Refuse unknown choices, out-of-range values and inconsistent settings with a reason; apply the rest
+        to the pipeline as one new settings snapshot."""
+        changes = {p.name: plain(p.value) for p in params if p.name in SPEC_BY_NAME}
+        for name, value in changes.items():
+            reason = SPEC_BY_NAME[name].check(value)
+            if reason:
+                return SetParametersResult(successful=False, reason=reason)
+        if self.pipeline is not None and changes:
+            try:
+                self.pipeline.update_settings(changes)
+            except ValueError as exc:
+                return SetParametersResult(successful=False, reason=str(exc))
+        return SetParametersResult(successful=True)
+
+    # ------------------------------------------------------------------ status
+    def _publish_label_info(self) -> None:
+        pipeline = self.pipeline
+        if pipeline is not None:
+            self.pub_label_info.publish(messages.label_info_msg(
+                pipeline.vocabulary, pipeline.settings.score_threshold, self.get_clock().now().to_msg()))
+
+    def _publish_diagnostics(self) -> None:
+        pipeline = self.pipeline
+        extra = {"lifecycle_state": self.lifecycle_state, "backend": self.get_parameter("backend").value,
+                 "precision": self.get_parameter("precision").value, "preset": self.get_parameter("preset").value}
+        if pipeline is not None:
+            extra.update(pipeline.describe(), settings=describe_settings(pipeline.settings))
+        cameras = [(c.name, c.stats, c.depth) for c in self.cameras.values()] or [("", StreamStats(), None)]
+        self.pub_diagnostics.publish(diagnostic_array(self.get_clock().now().to_msg(), camera_statuses(
+            f"{self.get_fully_qualified_name()}: open-vocabulary segmentation", cameras, extra,
+            pipeline.last_batch if pipeline else 0)))
+
+def main(argv: list[str] | None = None) -> int:
+    """As ros2/demos' lifecycle_py: construct (autostart configures and activates), spin, clean stop."""
+    rclpy.init(args=argv if argv is not None else sys.argv)
+    node, code = None, 0
+    try:
+        node = OvsegNode()
+        if node.configure_failed:
+            code = 1  # autostart could not build the pipeline: the log says why
+        else:
+            executor = MultiThreadedExecutor(num_threads=3)
+            executor.add_node(node)
+            executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            node.stop()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

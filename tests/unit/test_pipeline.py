@@ -1,0 +1,132 @@
+"""The ROS-free frame pipeline with the demo models: one call per batch returns everything the node publishes,
+each frame computed with exactly one settings snapshot; prompts, 3D and the vocabulary through the same object."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+from ovseg_ros.core.geometry import Intrinsics, PairedDepth
+from ovseg_ros.core.pipeline import FrameInput, PromptRequest, build_pipeline
+from ovseg_ros.core.prompt import Prompt, PromptError
+from ovseg_ros.core.settings import dense_config, make_settings
+from ovseg_ros.synth.world import generate_scene
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    settings = make_settings({"vocabulary": ["grass", "water", "sky", "red circle", "blue square"],
+                              "frame_cache_size": 3})
+    return build_pipeline(settings, cameras=["front", "rear"])
+
+
+def scene(seed: int) -> np.ndarray:
+    return generate_scene(seed, size=(96, 128), split="eval").image
+
+
+def depth_for(image: np.ndarray, metres: float = 1.5) -> PairedDepth:
+    height, width = image.shape[:2]
+    depth = np.full((height, width), metres, np.float32)
+    depth[:, : width // 4] = 30.0  # beyond max_range_m: must not reach the cloud
+    return PairedDepth(depth, Intrinsics(100.0, 100.0, width / 2, height / 2, width, height), "depth", 0.0)
+
+
+def test_one_call_per_batch_returns_every_output_of_every_camera(pipeline):
+    front, rear = scene(1), scene(2)
+    outputs = pipeline.process_batch([FrameInput("front", front, (1, 0), "front-header", depth_for(front)),
+                                      FrameInput("rear", rear, (1, 0), "rear-header")])
+    assert [o.error for o in outputs] == ["", ""] and pipeline.last_batch == 2
+    first, second = outputs
+    assert first.result.labels.shape == front.shape[:2] and first.overlay.shape == front.shape
+    assert first.vocabulary is pipeline.vocabulary and first.settings is pipeline.settings
+    assert first.cloud is not None and len(first.cloud) == (96 * 128) - 96 * 32  # far quarter dropped
+    assert np.nanmax(first.depth.depth_m) <= pipeline.settings.max_range_m
+    assert first.regions and all(abs(r.centroid[2] - 1.5) < 1e-3 for r in first.regions)
+    assert second.cloud is None and second.regions is None  # no depth paired with that frame
+    # Each camera has its own prompt cache, with the header and depth stored with the frame.
+    assert pipeline.prompters["front"].frame((1, 0)).header == "front-header"
+    assert pipeline.prompters["rear"].frame((1, 0)).header == "rear-header"
+    assert pipeline.prompters["front"].frame((1, 0)).depth is not None
+
+
+def test_prompts_on_a_camera_frame_get_3d_and_a_client_image_never_crosses_it(pipeline):
+    image = scene(3)
+    pipeline.process_batch([FrameInput("front", image, (7, 0), "camera", depth_for(image))])
+    box = Prompt(box=np.array([40, 20, 90, 70], np.float32))
+    on_camera = pipeline.answer_prompts(PromptRequest([box], camera="front", key=(7, 0)))
+    assert on_camera.frame.header == "camera" and on_camera.places is not None
+    client = pipeline.answer_prompts(PromptRequest([box], camera="front", image=scene(4), image_key=(7, 0),
+                                                   image_header="client"))
+    assert client.frame.header == "client" and client.places is None  # no depth for a client's image
+    again = pipeline.answer_prompts(PromptRequest([box], camera="front", key=(7, 0)))
+    assert again.frame.header == "camera" and np.array_equal(again.frame.image, image)
+    with pytest.raises(PromptError, match="unknown camera"):
+        pipeline.answer_prompts(PromptRequest([box], camera="left"))
+    with pytest.raises(PromptError, match="no cached frame"):
+        pipeline.answer_prompts(PromptRequest([box], camera="rear", key=(99, 0)))
+
+
+def test_each_frame_is_computed_with_one_snapshot_while_settings_change_concurrently(pipeline):
+    stop = threading.Event()
+
+    def flip():
+        values = [{"selection_threshold": 0.0, "score_threshold": 0.0, "publish_overlay": True},
+                  {"selection_threshold": 0.5, "score_threshold": 0.2, "publish_overlay": False}]
+        index = 0
+        while not stop.is_set():
+            pipeline.update_settings(values[index % 2])
+            index += 1
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        for seed in range(12):
+            output = pipeline.process_batch([FrameInput("front", scene(seed), (100 + seed, 0))])[0]
+            snapshot = output.settings
+            assert output.result.config == dense_config(dataclasses.asdict(snapshot))
+            assert (output.overlay is not None) == snapshot.publish_overlay
+    finally:
+        stop.set()
+        flipper.join()
+        pipeline.update_settings({"selection_threshold": 0.3, "score_threshold": 0.0, "publish_overlay": True})
+
+
+def test_bad_settings_are_refused_and_nothing_changes(pipeline):
+    before = pipeline.settings
+    with pytest.raises(ValueError, match="dense_variant"):
+        pipeline.update_settings({"dense_variant": "nonsense"})
+    with pytest.raises(ValueError, match="score_threshold"):
+        pipeline.update_settings({"score_threshold": 2.0})
+    assert pipeline.settings is before
+    no_sam = build_pipeline(make_settings({"sam_model": ""}), warm_up=False)
+    with pytest.raises(ValueError, match="needs"):
+        no_sam.update_settings({"refinement": "sam"})
+    with pytest.raises(PromptError, match="disabled"):
+        no_sam.answer_prompts(PromptRequest([Prompt(box=np.array([0, 0, 4, 4], np.float32))]))
+
+
+def test_a_failing_batch_is_reported_per_frame_and_the_next_batch_works(pipeline):
+    bad = np.zeros((10, 10), np.uint8)  # not RGB
+    outputs = pipeline.process_batch([FrameInput("front", bad, (200, 0))])
+    assert outputs[0].error and outputs[0].result is None
+    assert not pipeline.process_batch([FrameInput("front", scene(5), (201, 0))])[0].error
+
+
+def test_a_vocabulary_change_is_persisted_before_the_swap_and_a_failed_save_changes_nothing(tmp_path):
+    path = tmp_path / "vocabulary.json"
+    settings = make_settings({"vocabulary_file": str(path), "sam_model": ""})
+    pipeline = build_pipeline(settings, warm_up=False)
+    change = pipeline.set_vocabulary(["sky", "grass"], [])
+    assert change.success and change.version == 2 and path.is_file()
+    assert pipeline.vocabulary.labels == ("sky", "grass")
+    restarted = build_pipeline(settings, warm_up=False)  # a restart restores what the operator set
+    assert restarted.vocabulary.labels == ("sky", "grass") and restarted.vocabulary.version == 2
+    path.unlink()
+    path.mkdir()  # a folder where the file should go: the save fails (root ignores permission bits)
+    refused = pipeline.set_vocabulary(["water"], [])
+    assert not refused.success and "cannot save" in refused.message and refused.version == 2
+    assert pipeline.vocabulary.labels == ("sky", "grass")
+    assert not pipeline.set_vocabulary([], []).success

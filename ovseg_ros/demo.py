@@ -132,17 +132,18 @@ def score_next_frame(client, name: str, version: int, scored: set, vocab: list[s
     """Wait for the camera's next unscored segmentation, score it against its ground truth, save the panel."""
     from .core.metrics import ConfusionMatrix
     from .core.overlay import colourise
+    from .core.pipeline import frame_key
     from .ros.image_conversions import image_to_array
 
     seg = client.wait_for("segmentation", lambda m: m.vocabulary_version == version
-                          and (m.header.stamp.sec, m.header.stamp.nanosec) not in scored, timeout=timeout)
+                          and frame_key(m.header.stamp) not in scored, timeout=timeout)
     if seg is None:
         return None
-    stamp = (seg.header.stamp.sec, seg.header.stamp.nanosec)
+    stamp = frame_key(seg.header.stamp)
     scored.add(stamp)
 
     def same(m):
-        return (m.header.stamp.sec, m.header.stamp.nanosec) == stamp
+        return frame_key(m.header.stamp) == stamp
 
     truth_msg = client.wait_for("ground_truth/labels", same, timeout=2.0)
     image_msg = client.wait_for("image", same, timeout=2.0)

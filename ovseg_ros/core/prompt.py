@@ -155,8 +155,8 @@ class PromptSegmenter:
                 return
             start = time.perf_counter()
             self.predictor.set_image(frame.image, image_format="RGB")
-            frame.sam_features = self.predictor.features
-            frame.sam_input_size = self.predictor.input_size
+            frame.sam_features = self.predictor.get_image_embedding()
+            frame.sam_input_size = tuple(self.predictor.input_size)
             self.timings_ms["sam_image_encoder"] = (time.perf_counter() - start) * 1000
 
     # ------------------------------------------------------------------ queries
@@ -174,15 +174,10 @@ class PromptSegmenter:
         groups: dict[tuple[bool, int], list[int]] = collections.defaultdict(list)
         for index, prompt in enumerate(prompts):
             groups[(prompt.box is not None, len(prompt.points))].append(index)
-        with self._lock:
-            self.predictor.features = frame.sam_features
-            self.predictor.original_size = (height, width)
-            self.predictor.input_size = frame.sam_input_size
-            self.predictor.is_image_set = True
-            for (has_box, n_points), members in groups.items():
-                group_masks, group_scores = self._decode(prompts, members, has_box, n_points, multimask)
-                masks[members] = group_masks
-                scores[members] = group_scores
+        for (has_box, n_points), members in groups.items():
+            group_masks, group_scores = self._decode(frame, prompts, members, has_box, n_points, multimask)
+            masks[members] = group_masks
+            scores[members] = group_scores
         decode_ms = (time.perf_counter() - start) * 1000
         label_start = time.perf_counter()
         probabilities = self.classify_masks(frame, masks, prepared)
@@ -199,19 +194,27 @@ class PromptSegmenter:
         self.timings_ms.update(decode=decode_ms, recognise=(time.perf_counter() - label_start) * 1000)
         return frame, answers
 
-    def _decode(self, prompts: list[Prompt], members: list[int], has_box: bool, n_points: int,
+    def _decode(self, frame: CachedFrame, prompts: list[Prompt], members: list[int], has_box: bool, n_points: int,
                 multimask: bool) -> tuple[np.ndarray, np.ndarray]:
-        original = self.predictor.original_size
-        device = self.predictor.device
-        coords = labels = boxes = None
+        """SAM's prompt encoder and mask decoder on the frame's cached image embedding (what
+        SamPredictor.predict_torch does, without swapping the cached embedding into the predictor's state)."""
+        original = frame.image.shape[:2]
+        transform, device = self.predictor.transform, self.predictor.device
+        points = boxes = None
         if n_points:
             raw = np.stack([prompts[i].points for i in members]).astype(np.float32)
-            coords = torch.as_tensor(self.predictor.transform.apply_coords(raw, original), device=device)
+            coords = torch.as_tensor(transform.apply_coords(raw, original), device=device)
             labels = torch.as_tensor(np.stack([prompts[i].point_labels for i in members]), device=device)
+            points = (coords, labels)
         if has_box:
             raw_boxes = np.stack([np.asarray(prompts[i].box, np.float32) for i in members])
-            boxes = torch.as_tensor(self.predictor.transform.apply_boxes(raw_boxes, original), device=device)
-        masks, iou, _ = self.predictor.predict_torch(coords, labels, boxes, multimask_output=multimask)
+            boxes = torch.as_tensor(transform.apply_boxes(raw_boxes, original), device=device)
+        sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+        low_res, iou = self.sam.mask_decoder(image_embeddings=frame.sam_features,
+                                             image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                             multimask_output=multimask)
+        masks = self.sam.postprocess_masks(low_res, frame.sam_input_size, original) > self.sam.mask_threshold
         if multimask:  # SAM's own IoU prediction picks the best of the three
             best = iou.argmax(dim=1)
             rows = torch.arange(len(members))

@@ -60,7 +60,7 @@ class OvsegNode(LifecycleNode):
     """Dense open-vocabulary segmentation of camera streams, with a run-time vocabulary and prompts.
 
     configure builds the pipeline (models loaded and warmed up), activate subscribes to the cameras, deactivate
-    unsubscribes, cleanup releases the models. With `autostart` (the default) it configures and activates itself.
+    unsubscribes, cleanup releases the models. With `autostart` (the default) `main` configures and activates it.
     """
 
     def __init__(self, **kwargs) -> None:
@@ -75,14 +75,6 @@ class OvsegNode(LifecycleNode):
         self._log_reason = ReasonLog()
         self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_timer(1.0, self._publish_diagnostics)
-        self.configure_failed = False
-        if self.startup_error:
-            self.get_logger().fatal(f"configure failed: {self.startup_error}")
-            self.configure_failed = True
-        elif self.get_parameter("autostart").value:
-            self.configure_failed = self.trigger_configure() != TransitionCallbackReturn.SUCCESS
-            if not self.configure_failed:
-                self.trigger_activate()
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -361,14 +353,22 @@ class OvsegNode(LifecycleNode):
             f"{self.get_fully_qualified_name()}: open-vocabulary segmentation", cameras, extra,
             pipeline.last_batch if pipeline else 0)))
 
+def autostart(node: OvsegNode) -> bool:
+    """configure + activate, as an operator would with `ros2 lifecycle set`; False if configure failed (its
+    FATAL line says why)."""
+    if node.trigger_configure() != TransitionCallbackReturn.SUCCESS:
+        return False
+    return node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+
+
 def main(argv: list[str] | None = None) -> int:
-    """As ros2/demos' lifecycle_py: construct (autostart configures and activates), spin, clean stop."""
+    """As ros2/demos' lifecycle_py: construct, drive the transitions (with `autostart`), spin, clean stop."""
     rclpy.init(args=argv if argv is not None else sys.argv)
     node, code = None, 0
     try:
         node = OvsegNode()
-        if node.configure_failed:
-            code = 1  # autostart could not build the pipeline: the log says why
+        if node.get_parameter("autostart").value and not autostart(node):
+            code = 1  # the models could not be loaded or a parameter is wrong: the log says why
         else:
             executor = MultiThreadedExecutor(num_threads=3)
             executor.add_node(node)

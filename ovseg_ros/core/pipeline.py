@@ -11,6 +11,7 @@ CLI, the benchmarks and the demo share one implementation built by `build_pipeli
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -22,10 +23,12 @@ import numpy as np
 
 from .dense import DenseSegmenter, PreparedVocabulary, SegmentationResult
 from .geometry import PairedDepth, Region3D, class_regions, labelled_cloud_points, region_centroid
+from .instances import background_mask, extract_instances, instances_from_masks, object_masks
 from .overlay import blend, draw_prompt_answers
 from .prompt import CachedFrame, Prompt, PromptAnswer, PromptError, PromptSegmenter
 from .settings import Settings, check_consistent, replace_settings
 from .text_cache import TextEmbeddingCache
+from .tracking import Track, Tracker
 from .vocabulary import (
     Vocabulary,
     VocabularyError,
@@ -69,8 +72,46 @@ class FrameOutput:
     regions: list[Region3D] | None = None  # per present class, with depth and publish_markers
     instances: np.ndarray | None = None  # (H, W) uint16 instance ids (0 = none), when segment_everything
     instance_answers: list[PromptAnswer] = field(default_factory=list)
+    objects: list[ObjectView] | None = None  # published tracks (confirmed, visible now), when track_objects
+    object_ids: np.ndarray | None = None  # (H, W) uint16 track id per pixel (0 = none), when track_objects
+    tracking_ms: float = 0.0  # instances + tracker update
     settings: Settings | None = None  # the snapshot this frame was computed with
     error: str = ""
+
+
+@dataclass(frozen=True)
+class ObjectView:
+    """A track as published: a copy taken by the worker, so services and publishers never see it change."""
+
+    id: int
+    label: str
+    class_id: int
+    score: float  # share of the accumulated evidence behind `label`
+    top_labels: list[str]
+    top_scores: list[float]
+    box: np.ndarray  # (4,) x1, y1, x2, y2
+    state: str
+    age: int
+    hits: int
+    visible: bool
+    mask: np.ndarray  # (H, W) bool, last seen
+    embedding: np.ndarray  # (D,) float32 normalised
+    centroid: np.ndarray | None
+    extent: np.ndarray | None
+
+    @classmethod
+    def of(cls, track: Track, names: list[str], top_k: int) -> ObjectView:
+        ids, scores = track.label_scores(top_k)
+        return cls(track.id, names[ids[0]], ids[0], scores[0], [names[i] for i in ids], scores, track.box.copy(),
+                   track.state, track.age, track.hits, track.visible, track.mask,
+                   track.embedding.numpy().astype(np.float32), track.centroid, track.extent)
+
+
+@dataclass
+class FoundObjects:
+    header: object  # of the frame the camera's tracks were last updated on
+    objects: list[ObjectView]
+    scores: list[float]  # cosine similarity to the query, best first
 
 
 @dataclass
@@ -125,6 +166,9 @@ class SegmentationPipeline:
             self.prompters[self.cameras[0]] = prompter
             for name in [*self.cameras[1:], REQUESTS]:
                 self.prompters[name] = prompter.for_another_camera()
+        self.trackers = {name: Tracker() for name in self.cameras}
+        self._tracked_header: dict[str, object] = {}  # camera -> header of the frame its tracks were updated on
+        self._tracker_lock = threading.Lock()  # the worker updates, services read
         self.last_batch = 0  # frames in the last image-tower pass
 
     # ------------------------------------------------------------------ state
@@ -214,10 +258,68 @@ class SegmentationPipeline:
                                                  settings.cloud_stride)
             if settings.publish_markers:
                 output.regions = class_regions(depth, result.labels, result.class_ids, names)
-        if prompter is not None and settings.segment_everything:
-            output.instances, output.instance_answers = prompter.segment_everything(
-                frame.key, prepared, points_per_side=settings.everything_points_per_side)
+        everything = settings.track_objects and settings.track_source == "everything"
+        if prompter is not None and (settings.segment_everything or everything):
+            instances, answers = prompter.segment_everything(frame.key, prepared,
+                                                             points_per_side=settings.everything_points_per_side)
+            if settings.segment_everything:
+                output.instances, output.instance_answers = instances, answers
+        if settings.track_objects:
+            start = time.perf_counter()
+            if everything:
+                masks = object_masks([a.mask for a in answers], background_mask(result, settings.track_max_area),
+                                     settings.track_min_area, settings.track_max_area)
+                objects = instances_from_masks(masks[: settings.track_max_tracks], result.dense_features, prepared,
+                                               self.segmenter.encoder.logit_scale, depth)
+            else:
+                objects = extract_instances(result, prepared, self.segmenter.encoder.logit_scale, depth,
+                                            settings.track_min_area, settings.track_max_area,
+                                            max_instances=settings.track_max_tracks)
+            self._track(frame.camera, frame.header, objects, output, prepared, settings)
+            output.tracking_ms = (time.perf_counter() - start) * 1000
         return output
+
+    def _track(self, camera: str, header: object, objects: list, output: FrameOutput,
+               prepared: PreparedVocabulary, settings: Settings) -> None:
+        names = prepared.vocabulary.display_names
+        with self._tracker_lock:
+            tracker = self.trackers[camera]
+            tracker.config = dataclasses.replace(tracker.config, min_hits=settings.track_min_hits,
+                                                 max_lost=settings.track_max_lost,
+                                                 max_tracks=settings.track_max_tracks)
+            tracker.sync_vocabulary(prepared, self.segmenter.encoder.logit_scale)
+            published = tracker.update(objects[: settings.track_max_tracks])
+            output.objects = [ObjectView.of(t, names, settings.prompt_top_k) for t in published]
+            self._tracked_header[camera] = header
+        ids = np.zeros(output.result.labels.shape, np.uint16)
+        for view in sorted(output.objects, key=lambda v: -int(v.mask.sum())):  # smaller on top
+            ids[view.mask] = view.id
+        output.object_ids = ids
+
+    def find_objects(self, query: str, camera: str = "", max_results: int = 0,
+                     include_lost: bool = False) -> FoundObjects:
+        """A camera's tracks ranked by CLIP similarity of their embeddings to free text (the vocabulary's
+        templates), without touching the vocabulary. ValueError / PromptError with the reason if refused."""
+        query = query.strip()
+        if not query:
+            raise ValueError("the query is empty: say what to look for, e.g. 'red circle'")
+        if len(query) > self.limits.max_name_length:
+            raise ValueError(f"the query has {len(query)} characters; the limit is {self.limits.max_name_length}")
+        camera = self.camera_named(camera)
+        if not self.settings.track_objects:
+            raise ValueError("object tracking is off (track_objects: false)")
+        text = self.segmenter.text_cache.embed((query,), self.vocabulary.templates)[0]
+        names = self.vocabulary.display_names
+        with self._tracker_lock:
+            tracks = [t for t in self.trackers[camera].tracks
+                      if t.state == "confirmed" and t.visible or include_lost and t.state == "lost"]
+            header = self._tracked_header.get(camera)
+            if tracks and tracks[0].evidence.shape[0] != len(names):  # a new vocabulary, no frame since
+                names = [f"class {i}" for i in range(tracks[0].evidence.shape[0])]
+            views = [ObjectView.of(t, names, self.settings.prompt_top_k) for t in tracks]
+        scores = [float(np.dot(v.embedding, text.numpy())) for v in views]
+        order = sorted(range(len(views)), key=lambda i: -scores[i])[: max_results or None]
+        return FoundObjects(header, [views[i] for i in order], [scores[i] for i in order])
 
     # ------------------------------------------------------------------ prompts
     def answer_prompts(self, request: PromptRequest) -> PromptOutcome:

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from .clip_dense import ClipDenseEncoder
 from .dense import PreparedVocabulary, SegmentationResult, relabel
 from .geometry import PairedDepth
+from .instances import pooled_embeddings
 
 MAX_PROMPTS = 256
 MAX_POINTS_PER_PROMPT = 64
@@ -225,14 +225,7 @@ class PromptSegmenter:
 
     def classify_masks(self, frame: CachedFrame, masks: np.ndarray, prepared: PreparedVocabulary) -> torch.Tensor:
         """(P, H, W) masks -> (P, C) class probabilities from mask-pooled CLIP dense features."""
-        dense = frame.clip_dense  # (h, w, D)
-        grid = dense.shape[:2]
-        weights = F.adaptive_avg_pool2d(torch.from_numpy(masks).float()[:, None], grid)[:, 0]  # (P, h, w)
-        empty = weights.flatten(1).sum(1) <= 0
-        if empty.any():  # SAM found nothing: pool the whole frame rather than divide by zero
-            weights[empty] = 1.0
-        pooled = torch.einsum("phw,hwd->pd", weights.to(dense.dtype), dense)
-        return prepared.class_probabilities(F.normalize(pooled.float(), dim=-1), self.encoder.logit_scale)
+        return prepared.class_probabilities(pooled_embeddings(frame.clip_dense, masks), self.encoder.logit_scale)
 
     def classify_crops(self, image: np.ndarray, masks: np.ndarray, prepared: PreparedVocabulary) -> torch.Tensor:
         """The image-crop baseline: CLIP's global embedding of each mask's box crop (background greyed)."""

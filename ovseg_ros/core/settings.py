@@ -121,6 +121,20 @@ SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("segment_everything", False, "also publish a point-grid instance segmentation on `instances`"),
     ParamSpec("everything_points_per_side", 16, "point grid of the segment-everything mode", read_only=True,
               low=2, high=64),
+    ParamSpec("track_objects", True, "track object instances (connected class regions) across frames: `objects` "
+              "(TrackedObjects: stable ids, labels accumulated over frames, 3D with depth), `object_ids` (mono16 "
+              "track id per pixel) and the find_objects service"),
+    ParamSpec("track_source", "dense", "where tracked objects come from: dense (regions of the label map) or "
+              "everything (SAM's point-grid masks; needs sam_model, better masks, costs a SAM pass per frame)",
+              choices=("dense", "everything")),
+    ParamSpec("track_min_hits", 2, "frames an object must be seen before its track is published", low=1, high=100),
+    ParamSpec("track_max_lost", 15, "frames a track is kept while its object is not seen (occlusions up to this "
+              "long keep the id)", low=0, high=10000),
+    ParamSpec("track_max_tracks", 100, "most tracks kept per camera (memory bound)", low=1, high=10000),
+    ParamSpec("track_min_area", 0.002, "smallest region tracked, as a fraction of the frame", low=0.0, high=1.0),
+    ParamSpec("track_max_area", 0.25, "largest region tracked, as a fraction of the frame (larger regions are "
+              "floor, sky, walls: left to the label map)", low=0.0, high=1.0),
+    ParamSpec("objects_embeddings", False, "include each object's CLIP embedding in `objects`"),
     ParamSpec("use_depth", False, "pair an aligned depth image (`depth/image`, 16UC1 mm or 32FC1 m) and "
               "`depth/camera_info` with each frame: labels_cloud, labels_markers, 3D prompt answers",
               read_only=True),
@@ -191,6 +205,8 @@ def check_consistent(settings: Settings) -> DenseConfig:
     config = dense_config(dataclasses.asdict(settings))
     if config.refinement == "sam" and not settings.sam_model:
         raise ValueError("refinement 'sam' refines the dense labels with SAM and needs sam_model (it is empty)")
+    if settings.track_objects and settings.track_source == "everything" and not settings.sam_model:
+        raise ValueError("track_source 'everything' tracks SAM's masks and needs sam_model (it is empty)")
     return config
 
 
@@ -219,20 +235,31 @@ OPTION_ALIASES = {"clip_model": "--clip", "dense_variant": "--variant", "score_t
                   "selection_threshold": "--selection", "tag_validation_top_k": "--tag-validation"}
 
 
-def add_setting_options(parser: argparse.ArgumentParser, exclude_choices: set[str] = frozenset()) -> None:
+def add_setting_options(parser: argparse.ArgumentParser, exclude_choices: set[str] = frozenset(),
+                        extra: tuple[str, ...] = ()) -> None:
     """--preset and one option per dense node parameter (same names, help and choices as the node's table);
     an option left out takes the preset's value, exactly as a node parameter left out does."""
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS),
                         help="model + the inference settings of its paper; the options below override it")
-    for name in ["clip_model", *sorted(DENSE_PARAMETERS)]:
+    for name in ["clip_model", *sorted(DENSE_PARAMETERS), *extra]:
         spec = SPEC_BY_NAME[name]
         flags = [f"--{name.replace('_', '-')}"] + ([OPTION_ALIASES[name]] if name in OPTION_ALIASES else [])
         if isinstance(spec.default, list):
             kind = _int_list
+        elif isinstance(spec.default, bool):
+            kind = _boolean
         else:
             kind = type(spec.default)
         parser.add_argument(*flags, dest=name, type=kind, default=None, help=spec.description,
                             choices=[c for c in spec.choices if c not in exclude_choices] or None)
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _int_list(text: str) -> list[int]:

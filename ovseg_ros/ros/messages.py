@@ -9,12 +9,12 @@ from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPo
 from sensor_msgs.msg import CompressedImage, Image, PointCloud2, PointField
 from visualization_msgs.msg import Marker, MarkerArray
 
-from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentation
-from ovseg_interfaces.srv import SegmentPrompt
+from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentation, TrackedObject, TrackedObjects
+from ovseg_interfaces.srv import FindObjects, SegmentPrompt
 
 from ..core.geometry import CLOUD_DTYPE, PairedDepth, Region3D
 from ..core.overlay import palette
-from ..core.pipeline import FrameOutput, PromptOutcome, PromptRequest, frame_key
+from ..core.pipeline import FoundObjects, FrameOutput, ObjectView, PromptOutcome, PromptRequest, frame_key
 from ..core.prompt import MAX_PROMPTS, Prompt, PromptError
 from ..core.vocabulary import Vocabulary
 from .image_conversions import (
@@ -78,6 +78,13 @@ def frame_messages(output: FrameOutput) -> dict[str, object]:
     if output.regions is not None:
         out["labels_markers"] = markers_msg(header, output.depth, output.regions, len(output.vocabulary),
                                             output.settings.marker_boxes)
+    if output.objects is not None:
+        frame_id = output.depth.frame_id or header.frame_id if output.depth is not None else ""
+        out["objects"] = objects_msg(header, output.vocabulary.version, output.objects, frame_id,
+                                     output.settings.objects_embeddings)
+        out["object_ids"] = mono16_to_image(output.object_ids, header)
+        if output.depth is not None and output.settings.publish_markers:
+            out["objects_markers"] = object_markers(header, output.depth, output.objects)
     if output.instances is not None:  # instance ids as class ids; the names are their labels
         answers = output.instance_answers
         out["instances"] = segmentation_msg(header, output.instances, output.vocabulary.version,
@@ -169,6 +176,63 @@ def markers_msg(header, depth: PairedDepth, regions: list[Region3D], num_classes
             box.color.a = 0.25
             markers.append(box)
     return MarkerArray(markers=markers)
+
+
+def tracked_object(view: ObjectView, depth_frame_id: str, with_embedding: bool) -> TrackedObject:
+    msg = TrackedObject(id=view.id, label=view.label, class_id=view.class_id, score=float(view.score),
+                        top_labels=list(view.top_labels), top_scores=[float(s) for s in view.top_scores],
+                        box=[float(v) for v in view.box], state=view.state, age=view.age, hits=view.hits)
+    if view.centroid is not None:
+        msg.has_3d, msg.depth_frame_id = True, depth_frame_id
+        msg.centroid = Point(x=float(view.centroid[0]), y=float(view.centroid[1]), z=float(view.centroid[2]))
+        msg.extent = Vector3(x=float(view.extent[0]), y=float(view.extent[1]), z=float(view.extent[2]))
+    if with_embedding:
+        msg.embedding = [float(v) for v in view.embedding]
+    return msg
+
+
+def objects_msg(header, version: int, objects: list[ObjectView], depth_frame_id: str,
+                with_embedding: bool) -> TrackedObjects:
+    return TrackedObjects(header=header, vocabulary_version=version,
+                          objects=[tracked_object(v, depth_frame_id, with_embedding) for v in objects])
+
+
+def object_markers(header, depth: PairedDepth, objects: list[ObjectView], namespace: str = "ovseg_objects",
+                   lifetime_s: float = 0.5) -> MarkerArray:
+    """"#id label" at each tracked object's 3D centroid (DELETEALL first: vanished objects leave nothing)."""
+    frame_id = depth.frame_id or header.frame_id
+    clear = Marker(action=Marker.DELETEALL, ns=namespace)
+    clear.header.frame_id = frame_id
+    markers = [clear]
+    colours = palette(max((v.id for v in objects), default=0) + 1)
+    for view in objects:
+        if view.centroid is None:
+            continue
+        colour = colours[view.id] / 255.0
+        text = Marker(type=Marker.TEXT_VIEW_FACING, action=Marker.ADD, ns=namespace, id=view.id)
+        text.header = header
+        text.header.frame_id = frame_id
+        text.pose.position = Point(x=float(view.centroid[0]), y=float(view.centroid[1]), z=float(view.centroid[2]))
+        text.pose.orientation.w = 1.0
+        text.scale.z = 0.08
+        text.color.r, text.color.g, text.color.b, text.color.a = (float(colour[0]), float(colour[1]),
+                                                                  float(colour[2]), 1.0)
+        text.text = f"#{view.id} {view.label}"
+        text.lifetime.nanosec = int(lifetime_s * 1e9)
+        markers.append(text)
+    return MarkerArray(markers=markers)
+
+
+def fill_find_response(response: FindObjects.Response, found: FoundObjects) -> None:
+    header = found.header
+    response.success = True
+    if header is not None:
+        response.header = header
+    response.objects = [tracked_object(v, response.header.frame_id, True) for v in found.objects]
+    response.scores = [float(s) for s in found.scores]
+    response.masks = [mono8_to_image(v.mask.astype(np.uint8) * 255, response.header) if v.visible else Image()
+                      for v in found.objects]
+    response.message = f"{len(found.objects)} objects ranked" + ("" if found.objects else " (no tracks yet)")
 
 
 # ---------------------------------------------------------------------- prompts

@@ -21,8 +21,8 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from visualization_msgs.msg import MarkerArray
 
-from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentation
-from ovseg_interfaces.srv import GetVocabulary, SegmentPrompt, SetVocabulary
+from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentation, TrackedObjects
+from ovseg_interfaces.srv import FindObjects, GetVocabulary, SegmentPrompt, SetVocabulary
 
 from ..core.cameras import camera_topic, parse_camera_names
 from ..core.geometry import DepthError
@@ -174,9 +174,10 @@ class OvsegNode(LifecycleNode):
     # ------------------------------------------------------------------ set-up
     def _create_entities(self) -> None:
         settings, has_prompts = self.pipeline.settings, self.pipeline.has_prompts
-        per_camera = {"labels": Image, "segmentation": Segmentation, "overlay": Image, "instances": Segmentation}
+        per_camera = {"labels": Image, "segmentation": Segmentation, "overlay": Image, "instances": Segmentation,
+                      "objects": TrackedObjects, "object_ids": Image}
         if settings.use_depth:
-            per_camera.update(labels_cloud=PointCloud2, labels_markers=MarkerArray)
+            per_camera.update(labels_cloud=PointCloud2, labels_markers=MarkerArray, objects_markers=MarkerArray)
         for camera in self.cameras.values():
             camera.publishers = {base: self._publisher(kind, camera.topic(base), messages.OUTPUT_DEPTH)
                                  for base, kind in per_camera.items()}
@@ -193,6 +194,8 @@ class OvsegNode(LifecycleNode):
         self._keep("service", self.create_service(SetVocabulary, "set_vocabulary", self._on_set_vocabulary,
                                                   qos_profile=messages.SERVICE_QOS, callback_group=services))
         self._keep("service", self.create_service(GetVocabulary, "get_vocabulary", self._on_get_vocabulary,
+                                                  qos_profile=messages.SERVICE_QOS, callback_group=services))
+        self._keep("service", self.create_service(FindObjects, "find_objects", self._on_find_objects,
                                                   qos_profile=messages.SERVICE_QOS, callback_group=services))
         if has_prompts:
             prompts = MutuallyExclusiveCallbackGroup()
@@ -296,6 +299,21 @@ class OvsegNode(LifecycleNode):
         vocabulary = pipeline.vocabulary
         response.labels, response.prompt_templates = list(vocabulary.labels), list(vocabulary.templates)
         response.vocabulary_version = vocabulary.version
+        return response
+
+    def _on_find_objects(self, request: FindObjects.Request, response: FindObjects.Response):
+        pipeline = self.pipeline
+        try:
+            if pipeline is None:
+                raise ValueError("no model is configured (the node is unconfigured or shutting down)")
+            messages.fill_find_response(response, pipeline.find_objects(request.query, request.camera,
+                                                                        request.max_results, request.include_lost))
+        except ValueError as exc:  # PromptError (unknown camera) is a ValueError too
+            response.success, response.message = False, str(exc)
+            self.get_logger().warning(f"find_objects refused: {exc}")
+        except Exception as exc:
+            response.success, response.message = False, f"find_objects failed: {exc!r}"
+            self.get_logger().error(response.message)
         return response
 
     def _on_segment_prompt(self, request: SegmentPrompt.Request, response: SegmentPrompt.Response):

@@ -130,3 +130,35 @@ def test_a_vocabulary_change_is_persisted_before_the_swap_and_a_failed_save_chan
     assert not refused.success and "cannot save" in refused.message and refused.version == 2
     assert pipeline.vocabulary.labels == ("sky", "grass")
     assert not pipeline.set_vocabulary([], []).success
+
+
+def test_tracked_objects_keep_ids_and_follow_a_vocabulary_change():
+    from ovseg_ros.core.vocabulary import Vocabulary
+    from ovseg_ros.synth.sequences import render_sequence
+    from ovseg_ros.synth.world import world_vocabulary
+
+    settings = make_settings({"sam_model": "", "track_min_hits": 2})
+    pipeline = build_pipeline(settings, cameras=[""], vocabulary=Vocabulary(tuple(world_vocabulary())),
+                              warm_up=False)
+    sequence = render_sequence(5001, frames=8, size=(160, 160), count=2, split="train", occluder=False)
+    seen: dict[int, int] = {}
+    for t, frame in enumerate(sequence):
+        output = pipeline.process_batch([FrameInput("", frame.image, (t, 0), f"h{t}")])[0]
+        assert output.object_ids.shape == frame.image.shape[:2] and output.object_ids.dtype == np.uint16
+        for view in output.objects:
+            assert (output.object_ids[view.mask] == view.id).mean() > 0.5  # the id image carries the tracks
+            assert view.state == "confirmed" and view.label == world_vocabulary()[view.class_id]
+            seen[view.id] = seen.get(view.id, 0) + 1
+    assert seen and max(seen.values()) >= 5  # an object tracked through most of the sequence under one id
+    found = pipeline.find_objects(pipeline.vocabulary.labels[output.objects[0].class_id], max_results=1)
+    assert found.header == "h7" and len(found.objects) == 1 and -1.0 <= found.scores[0] <= 1.0
+    with pytest.raises(ValueError, match="empty"):
+        pipeline.find_objects("   ")
+    with pytest.raises(PromptError, match="unknown camera"):
+        pipeline.find_objects("red circle", camera="left")
+    assert pipeline.set_vocabulary(["sky", "grass", "red circle", "blue circle"], []).success
+    output = pipeline.process_batch([FrameInput("", sequence[-1].image, (99, 0))])[0]
+    assert output.vocabulary.version == pipeline.vocabulary.version == 2
+    assert pipeline.trackers[""].vocabulary_version == 2
+    assert all(t.evidence.shape == (4,) for t in pipeline.trackers[""].tracks)  # relabelled for the new names
+    assert all(v.label in ("sky", "grass", "red circle", "blue circle") for v in output.objects)

@@ -1,0 +1,127 @@
+"""Object instances of one frame, from its dense label map: what the tracker associates frame to frame.
+
+Regions of a class larger than `max_area_fraction` of the frame are background (floor, sky, walls: left to the
+label map), as are unlabelled pixels; every connected region of what remains (above a minimum area) is an object
+instance, whatever mix of classes the dense map gave its pixels -- so an object whose pixels are split between
+two similar classes stays one object (objects that touch merge; SAM refinement or segment-everything separate
+them better). Each instance gets its mask and box, the CLIP embedding pooled under its mask from the frame's one
+dense pass (no second tower pass), its class probabilities from that embedding, and with depth its 3D place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .dense import PreparedVocabulary, SegmentationResult
+from .geometry import PairedDepth, region_centroid
+from .vocabulary import UNLABELLED
+
+
+@dataclass
+class Instance:
+    mask: np.ndarray  # (H, W) bool
+    box: np.ndarray  # (4,) float32 x1, y1, x2, y2 (pixels, exclusive right/bottom)
+    class_id: int  # the dense map's class of the region
+    score: float  # mean winning-class probability over the region
+    embedding: torch.Tensor  # (D,) normalised CLIP feature pooled under the mask
+    probabilities: torch.Tensor  # (C,) class probabilities of the pooled embedding
+    centroid: np.ndarray | None = None  # (3,) metres in the depth frame, with depth
+    extent: np.ndarray | None = None  # (3,) metres
+
+    @property
+    def area(self) -> int:
+        return int(self.mask.sum())
+
+
+def pooled_embeddings(dense: torch.Tensor, masks: np.ndarray) -> torch.Tensor:
+    """(h, w, D) dense features, (P, H, W) masks -> (P, D) normalised mask-pooled features (area-weighted on the
+    feature grid; an empty mask pools the whole frame rather than divide by zero)."""
+    weights = F.adaptive_avg_pool2d(torch.from_numpy(masks).float()[:, None], dense.shape[:2])[:, 0]  # (P, h, w)
+    empty = weights.flatten(1).sum(1) <= 0
+    if empty.any():
+        weights[empty] = 1.0
+    pooled = torch.einsum("phw,hwd->pd", weights.to(dense.dtype), dense)
+    return F.normalize(pooled.float(), dim=-1)
+
+
+def extract_instances(result: SegmentationResult, prepared: PreparedVocabulary, logit_scale: float,
+                      depth: PairedDepth | None = None, min_area_fraction: float = 0.002,
+                      max_area_fraction: float = 0.25, max_instances: int = 64) -> list[Instance]:
+    """Object instances of one frame, largest first (at most `max_instances`); `class_id` is the dense map's
+    majority class under the mask."""
+    labels = result.labels
+    total = labels.size
+    background = background_mask(result, max_area_fraction)
+    count, components, stats, _ = cv2.connectedComponentsWithStats((~background).astype(np.uint8), 8)
+    found: list[tuple[np.ndarray, np.ndarray, int]] = []
+    for index in range(1, count):
+        x, y, w, h, area = stats[index]
+        if area >= min_area_fraction * total:
+            mask = components == index
+            classes, counts = np.unique(labels[mask], return_counts=True)
+            found.append((mask, np.array([x, y, x + w, y + h], np.float32), int(classes[np.argmax(counts)])))
+    found.sort(key=lambda item: -int(item[0].sum()))
+    found = found[:max_instances]
+    if not found or result.dense_features is None:
+        return []
+    masks = [mask for mask, _, _ in found]
+    return instances_from_masks(masks, result.dense_features, prepared, logit_scale, depth,
+                                scores=[float(result.confidence[mask].mean()) for mask in masks],
+                                class_ids=[class_id for _, _, class_id in found])
+
+
+def background_mask(result: SegmentationResult, max_area_fraction: float) -> np.ndarray:
+    """(H, W) bool: unlabelled pixels and every region of a class larger than `max_area_fraction` of the frame
+    (floor, sky, walls: what objects stand on or in front of)."""
+    labels = result.labels
+    background = labels == UNLABELLED
+    for class_id in result.class_ids:
+        count, components, stats, _ = cv2.connectedComponentsWithStats((labels == class_id).astype(np.uint8), 8)
+        for index in np.nonzero(stats[1:, cv2.CC_STAT_AREA] > max_area_fraction * labels.size)[0]:
+            background |= components == index + 1
+    return background
+
+
+def object_masks(masks: list[np.ndarray], background: np.ndarray, min_area_fraction: float,
+                 max_area_fraction: float, max_background: float = 0.5, max_inside: float = 0.8) -> list[np.ndarray]:
+    """SAM's segment-everything masks that are objects: within the area bounds, mostly not background, and not a
+    part of a larger kept mask (share inside it above `max_inside`); larger first."""
+    total = background.size
+    kept: list[np.ndarray] = []
+    for mask in sorted(masks, key=lambda m: -int(m.sum())):
+        area = int(mask.sum())
+        if not min_area_fraction * total <= area <= max_area_fraction * total:
+            continue
+        if background[mask].mean() > max_background:
+            continue
+        if any((mask & other).sum() > max_inside * area for other in kept):
+            continue
+        kept.append(mask)
+    return kept
+
+
+def instances_from_masks(masks: list[np.ndarray], dense: torch.Tensor, prepared: PreparedVocabulary,
+                         logit_scale: float, depth: PairedDepth | None = None, scores: list[float] | None = None,
+                         class_ids: list[int] | None = None) -> list[Instance]:
+    """Instances from object masks (the dense map's regions, or SAM's segment-everything masks): embeddings
+    pooled from the frame's dense features, class probabilities, boxes and, with depth, 3D places."""
+    if not masks:
+        return []
+    stacked = np.stack(masks)
+    embeddings = pooled_embeddings(dense, stacked)
+    probabilities = prepared.class_probabilities(embeddings, logit_scale)
+    instances = []
+    for index, (mask, embedding, probs) in enumerate(zip(masks, embeddings, probabilities, strict=True)):
+        ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        box = np.array([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], np.float32)
+        place = region_centroid(mask, depth.depth_m, depth.intrinsics) if depth is not None else None
+        instances.append(Instance(
+            mask=mask, box=box, class_id=class_ids[index] if class_ids else int(probs.argmax()),
+            score=scores[index] if scores else float(probs.max()), embedding=embedding, probabilities=probs,
+            centroid=None if place is None else place[0], extent=None if place is None else place[1]))
+    return instances

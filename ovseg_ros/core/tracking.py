@@ -1,0 +1,207 @@
+"""Tracked open-vocabulary objects: stable ids, labels that do not flicker, memory bounded.
+
+Each frame's instances are associated with the tracks by one optimal assignment (Hungarian, scipy) over a cost
+that combines box overlap with the track's constant-velocity prediction, CLIP embedding similarity and label
+agreement; pairs that are neither close nor alike are never matched. A track is *tentative* until seen
+`min_hits` times, then *confirmed*; unmatched it becomes *lost* (kept, predicted, matchable by appearance for
+`max_lost` frames: an id survives an occlusion) and is then removed. A track's label is the argmax of class
+evidence accumulated over its frames (decayed), so one odd frame does not flip it; after a vocabulary change the
+evidence is recomputed from the track's mean embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from .dense import PreparedVocabulary
+from .instances import Instance
+
+TENTATIVE, CONFIRMED, LOST = "tentative", "confirmed", "lost"
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    min_hits: int = 2  # frames seen before a track is confirmed (published)
+    max_lost: int = 15  # frames a lost track is kept (occlusions up to this long keep the id)
+    max_tracks: int = 100  # memory bound; the oldest lost tracks go first
+    min_similarity: float = 0.5  # embedding cosine below which two observations are never the same object
+    iou_weight: float = 1.0
+    embedding_weight: float = 1.0
+    label_weight: float = 0.3
+    max_cost: float = 1.6  # pairs costing more are left unmatched
+    evidence_decay: float = 0.9  # per frame: older evidence counts less, but never vanishes at once
+    label_margin: float = 1.25  # another label takes over only when its evidence beats the current one by this
+    embedding_momentum: float = 0.8  # the track's mean embedding follows slowly
+
+
+@dataclass
+class Track:
+    id: int
+    box: np.ndarray  # (4,) last box (pixels)
+    mask: np.ndarray  # (H, W) bool, last mask
+    embedding: torch.Tensor  # (D,) normalised running mean
+    evidence: torch.Tensor  # (C,) decayed sum of class probabilities
+    velocity: np.ndarray = field(default_factory=lambda: np.zeros(2, np.float32))  # box centre px / frame
+    state: str = TENTATIVE
+    hits: int = 1
+    age: int = 1  # frames since the track started
+    lost_frames: int = 0
+    score: float = 0.0  # mean class probability of its last observation
+    centroid: np.ndarray | None = None
+    extent: np.ndarray | None = None
+    visible: bool = True  # observed in the latest frame
+    label_id: int = -1  # the published label: the evidence's argmax, with hysteresis (see TrackerConfig)
+
+    def __post_init__(self) -> None:
+        if self.label_id < 0:
+            self.label_id = int(self.evidence.argmax())
+
+    def update_label(self, margin: float) -> None:
+        best = int(self.evidence.argmax())
+        if best != self.label_id and self.evidence[best] > margin * self.evidence[self.label_id]:
+            self.label_id = best
+
+    def label_scores(self, k: int) -> tuple[list[int], list[float]]:
+        """The label first, then the other top classes, with their share of the accumulated evidence."""
+        share = self.evidence / self.evidence.sum().clamp(min=1e-9)
+        ids = [self.label_id] + [int(i) for i in share.topk(min(k, len(share))).indices if int(i) != self.label_id]
+        ids = ids[:k]
+        return ids, [float(share[i]) for i in ids]
+
+    def predicted_box(self) -> np.ndarray:
+        shift = self.velocity * (self.lost_frames + 1)
+        return self.box + np.concatenate([shift, shift]).astype(np.float32)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, 4) x (M, 4) boxes -> (N, M) IoU."""
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+class Tracker:
+    """Per-camera tracker; `update` once per frame with that frame's instances."""
+
+    def __init__(self, config: TrackerConfig = TrackerConfig()) -> None:
+        self.config = config
+        self.tracks: list[Track] = []
+        self.vocabulary_version = 0  # the vocabulary the tracks' evidence is over
+        self._next_id = 1
+
+    def sync_vocabulary(self, prepared: PreparedVocabulary, logit_scale: float) -> None:
+        """Before an update with a frame of another vocabulary: relabel every track for it."""
+        if prepared.version != self.vocabulary_version:
+            self.relabel(prepared, logit_scale)
+            self.vocabulary_version = prepared.version
+
+    def update(self, instances: list[Instance]) -> list[Track]:
+        """Associate, update, create, age and prune; returns the tracks to publish (confirmed, seen now)."""
+        cfg = self.config
+        matches, unmatched = self._associate(instances)
+        matched_tracks = set()
+        for track_index, instance_index in matches:
+            self._observe(self.tracks[track_index], instances[instance_index])
+            matched_tracks.add(track_index)
+        for index, track in enumerate(self.tracks):
+            if index not in matched_tracks:
+                track.visible = False
+                track.lost_frames += 1
+                track.age += 1
+                track.evidence *= cfg.evidence_decay
+                if track.state == CONFIRMED or track.state == LOST:
+                    track.state = LOST
+        for index in unmatched:
+            self.tracks.append(self._start(instances[index]))
+        # Tentative tracks that miss a frame are noise; lost tracks are kept for max_lost frames.
+        self.tracks = [t for t in self.tracks if (t.visible or t.state == LOST) and t.lost_frames <= cfg.max_lost]
+        if len(self.tracks) > cfg.max_tracks:
+            self.tracks.sort(key=lambda t: (t.visible, -t.lost_frames, t.hits), reverse=True)
+            del self.tracks[cfg.max_tracks:]
+        return self.published()
+
+    def published(self) -> list[Track]:
+        return [t for t in self.tracks if t.state == CONFIRMED and t.visible]
+
+    def relabel(self, prepared: PreparedVocabulary, logit_scale: float) -> None:
+        """A new vocabulary: each track's evidence recomputed from its mean embedding (weight = its hits)."""
+        if not self.tracks:
+            return
+        embeddings = torch.stack([t.embedding for t in self.tracks])
+        probabilities = prepared.class_probabilities(embeddings, logit_scale)
+        for track, probs in zip(self.tracks, probabilities, strict=True):
+            track.evidence = probs * float(min(track.hits, 10))
+            track.label_id = int(track.evidence.argmax())
+
+    def _associate(self, instances: list[Instance]) -> tuple[list[tuple[int, int]], list[int]]:
+        cfg = self.config
+        if not self.tracks or not instances:
+            return [], list(range(len(instances)))
+        predicted = np.stack([t.predicted_box() for t in self.tracks])
+        boxes = np.stack([i.box for i in instances])
+        overlap = box_iou(predicted, boxes)  # (T, N)
+        similarity = (torch.stack([t.embedding for t in self.tracks])
+                      @ torch.stack([i.embedding for i in instances]).T).numpy()
+        same_label = np.array([[float(t.label_id == i.class_id) for i in instances] for t in self.tracks])
+        # Where a track could plausibly be: near its prediction, the search area growing while it is lost.
+        size = np.maximum(predicted[:, 2:] - predicted[:, :2], 1.0).max(axis=1)
+        reach = size * (1.0 + 0.5 * np.array([t.lost_frames for t in self.tracks]))
+        centres_t = (predicted[:, :2] + predicted[:, 2:]) / 2
+        centres_i = (boxes[:, :2] + boxes[:, 2:]) / 2
+        distance = np.linalg.norm(centres_t[:, None] - centres_i[None], axis=-1)
+        cost = (cfg.iou_weight * (1 - overlap) + cfg.embedding_weight * (1 - similarity)
+                + cfg.label_weight * (1 - same_label))
+        allowed = (similarity >= cfg.min_similarity) & ((overlap > 0) | (distance <= reach[:, None]))
+        cost = np.where(allowed, cost, 1e6)
+        rows, cols = linear_sum_assignment(cost)
+        matches = [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if cost[r, c] <= cfg.max_cost]
+        taken = {c for _, c in matches}
+        return matches, [i for i in range(len(instances)) if i not in taken]
+
+    def _observe(self, track: Track, instance: Instance) -> None:
+        cfg = self.config
+        old_centre = (track.box[:2] + track.box[2:]) / 2
+        new_centre = (instance.box[:2] + instance.box[2:]) / 2
+        step = (new_centre - old_centre) / (track.lost_frames + 1)
+        track.velocity = (0.5 * track.velocity + 0.5 * step).astype(np.float32)
+        track.box, track.mask = instance.box, instance.mask
+        track.embedding = F.normalize(cfg.embedding_momentum * track.embedding
+                                      + (1 - cfg.embedding_momentum) * instance.embedding, dim=-1)
+        track.evidence = track.evidence * cfg.evidence_decay + instance.probabilities
+        track.update_label(cfg.label_margin)
+        track.score = float(instance.probabilities.max())
+        track.centroid, track.extent = instance.centroid, instance.extent
+        track.hits += 1
+        track.age += 1
+        track.lost_frames = 0
+        track.visible = True
+        if track.state == LOST or (track.state == TENTATIVE and track.hits >= cfg.min_hits):
+            track.state = CONFIRMED
+
+    def _start(self, instance: Instance) -> Track:
+        track = Track(id=self._next_id, box=instance.box, mask=instance.mask, embedding=instance.embedding,
+                      evidence=instance.probabilities.clone(), score=float(instance.probabilities.max()),
+                      centroid=instance.centroid, extent=instance.extent)
+        if self.config.min_hits <= 1:
+            track.state = CONFIRMED
+        self._next_id = self._new_id()
+        return track
+
+    def _new_id(self) -> int:
+        """The next id after the current one that no live track uses; ids stay in 1..65535 (mono16 id image)."""
+        used = {t.id for t in self.tracks}
+        candidate = self._next_id
+        while True:
+            candidate = candidate % 65535 + 1
+            if candidate not in used:
+                return candidate

@@ -1,0 +1,93 @@
+"""Tracked objects over real DDS with the demo models: `objects` and `object_ids` with the frame's header, ids
+kept from frame to frame, find_objects by text, a vocabulary change relabelling the tracks, bad requests."""
+
+from __future__ import annotations
+
+import pytest
+from node_processes import start_node
+from sensor_msgs.msg import Image
+from std_msgs.msg import Header
+
+from ovseg_interfaces.msg import TrackedObjects
+from ovseg_interfaces.srv import FindObjects
+from ovseg_ros.ros.image_conversions import image_to_array, rgb_to_image
+from ovseg_ros.ros.messages import SERVICE_QOS
+from ovseg_ros.synth.sequences import render_sequence
+from ovseg_ros.synth.world import world_vocabulary
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, ros):
+    from ovseg_ros.client import OvsegClient
+
+    proc = start_node(tmp_path_factory.mktemp("objects"), params={
+        "clip_model": "ovseg-demo-clip", "vocabulary": world_vocabulary(), "track_min_hits": 2})
+    client = OvsegClient("", name="test_objects_client", extra_topics={"objects": TrackedObjects, "object_ids": Image})
+    finder = client.node.create_client(FindObjects, "find_objects", qos_profile=SERVICE_QOS)
+    try:
+        assert client.wait_ready(timeout=120), "node services never appeared:\n" + proc.output()
+        assert finder.wait_for_service(timeout_sec=30)
+        yield proc, client, finder
+    finally:
+        client.close()
+        if proc.alive():
+            proc.stop()
+
+
+def find(client, finder, query: str, camera: str = "", max_results: int = 0) -> FindObjects.Response:
+    return client.call(finder, FindObjects.Request(query=query, camera=camera, max_results=max_results))
+
+
+def test_objects_and_ids_follow_a_sequence_and_find_objects_answers(node):
+    proc, client, finder = node
+    sequence = render_sequence(5002, frames=8, size=(192, 192), count=2, split="train", occluder=False)
+    ids_per_frame = []
+    for t, frame in enumerate(sequence):
+        header = Header(frame_id="cam")
+        header.stamp.sec, header.stamp.nanosec = 500 + t, 0
+        seg = client.segment(rgb_to_image(frame.image, header))
+        assert seg is not None, proc.output()
+        objects = client.wait_for("objects", lambda m, s=500 + t: m.header.stamp.sec == s, timeout=10)
+        id_image = client.wait_for("object_ids", lambda m, s=500 + t: m.header.stamp.sec == s, timeout=10)
+        assert objects is not None and id_image is not None, proc.output()
+        assert objects.header.frame_id == "cam" and objects.vocabulary_version == seg.vocabulary_version
+        pixels = image_to_array(id_image)
+        assert pixels.shape == (192, 192) and id_image.encoding == "mono16"
+        for obj in objects.objects:
+            x1, y1, x2, y2 = (int(v) for v in obj.box)
+            assert (pixels[y1:y2, x1:x2] == obj.id).any()  # the id image carries every published object
+            assert obj.state == "confirmed" and obj.label in world_vocabulary()
+        ids_per_frame.append({o.id for o in objects.objects})
+    assert any(ids_per_frame[2:]), proc.output()
+    persistent = set.intersection(*[ids for ids in ids_per_frame[2:] if ids])
+    assert persistent, ids_per_frame  # at least one object kept its id over the frames it was published in
+    answer = find(client, finder, "red circle", max_results=2)
+    assert answer.success, answer.message
+    assert len(answer.objects) == len(answer.scores) == len(answer.masks) <= 2
+    assert answer.header.stamp.sec == 507 and list(answer.scores) == sorted(answer.scores, reverse=True)
+
+
+def test_a_vocabulary_change_relabels_the_tracks_and_bumps_the_version(node):
+    proc, client, _ = node
+    response = client.set_vocabulary(["sky", "grass", "water", "sand", "wall", "red circle", "blue star"])
+    assert response.success, response.message
+    frame = render_sequence(5003, frames=1, size=(192, 192), count=2, occluder=False)[0]
+    header = Header(frame_id="cam")
+    header.stamp.sec = 700
+    client.segment(rgb_to_image(frame.image, header))
+    objects = client.wait_for("objects", lambda m: m.header.stamp.sec == 700, timeout=10)
+    assert objects is not None and objects.vocabulary_version == response.vocabulary_version
+    assert all(o.label in ("sky", "grass", "water", "sand", "wall", "red circle", "blue star")
+               for o in objects.objects)
+
+
+@pytest.mark.parametrize("query, camera, reason", [
+    ("", "", "empty"),
+    ("x" * 5000, "", "limit"),
+    ("red circle", "left", "unknown camera"),
+])
+def test_bad_find_requests_are_refused_and_the_node_keeps_serving(node, query, camera, reason):
+    proc, client, finder = node
+    answer = find(client, finder, query, camera)
+    assert not answer.success and reason in answer.message
+    assert proc.alive() and find(client, finder, "red circle").success

@@ -1,0 +1,129 @@
+"""The object tracker without models or ROS: optimal assignment, states, occlusions, bounded memory, labels
+that do not flicker, relabelling on a vocabulary change; and tracked objects through the pipeline."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovseg_ros.core.dense import PreparedVocabulary
+from ovseg_ros.core.instances import Instance
+from ovseg_ros.core.tracking import CONFIRMED, LOST, TENTATIVE, Tracker, TrackerConfig, box_iou
+from ovseg_ros.core.vocabulary import Vocabulary
+
+SHAPE = (120, 160)
+DIM = 8
+
+
+def instance(x: float, y: float, embedding: torch.Tensor, probs: torch.Tensor, size: float = 12) -> Instance:
+    mask = np.zeros(SHAPE, bool)
+    mask[int(y):int(y + size), int(x):int(x + size)] = True
+    return Instance(mask, np.array([x, y, x + size, y + size], np.float32), int(probs.argmax()), 0.9,
+                    F.normalize(embedding.float(), dim=0), probs.float())
+
+
+def one_hot(index: int, classes: int = 4, strength: float = 0.9) -> torch.Tensor:
+    probs = torch.full((classes,), (1 - strength) / (classes - 1))
+    probs[index] = strength
+    return probs
+
+
+def basis(index: int) -> torch.Tensor:
+    return torch.eye(DIM)[index]
+
+
+def test_assignment_is_optimal_not_first_come():
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        tracker = Tracker(TrackerConfig(min_hits=1, min_similarity=-1.0, max_cost=10.0))
+        # Close together (every pair within reach), so the choice is the assignment's alone.
+        tracks = [instance(*rng.uniform(40, 47, 2), torch.from_numpy(rng.normal(size=DIM)), one_hot(i % 4))
+                  for i in range(4)]
+        tracker.update(tracks)
+        new = [instance(*(t.box[:2] + rng.uniform(-2, 2, 2)), torch.from_numpy(rng.normal(size=DIM)),
+                        one_hot(int(rng.integers(4)))) for t in tracks]
+        cfg = tracker.config
+        predicted = np.stack([t.predicted_box() for t in tracker.tracks])
+        sim = (torch.stack([t.embedding for t in tracker.tracks]) @ torch.stack([i.embedding for i in new]).T).numpy()
+        labels = np.array([[float(t.label_id == i.class_id) for i in new] for t in tracker.tracks])
+        cost = cfg.iou_weight * (1 - box_iou(predicted, np.stack([i.box for i in new]))) + \
+            cfg.embedding_weight * (1 - sim) + cfg.label_weight * (1 - labels)
+        matches, _ = tracker._associate(new)
+        best = min(sum(cost[r, c] for r, c in enumerate(perm)) for perm in itertools.permutations(range(4)))
+        assert len(matches) == 4, trial
+        assert sum(cost[r, c] for r, c in matches) == pytest.approx(best, abs=1e-9), trial
+
+
+def test_states_tentative_confirmed_lost_removed():
+    tracker = Tracker(TrackerConfig(min_hits=2, max_lost=3))
+    obj = instance(10, 10, basis(0), one_hot(0))
+    assert tracker.update([obj]) == [] and tracker.tracks[0].state == TENTATIVE
+    published = tracker.update([obj])
+    assert [t.state for t in published] == [CONFIRMED]
+    track_id = published[0].id
+    for _ in range(3):
+        assert tracker.update([]) == [] and tracker.tracks[0].state == LOST
+    tracker.update([])
+    assert tracker.tracks == []  # lost for more than max_lost frames
+    noise = instance(50, 50, basis(1), one_hot(1))
+    tracker.update([noise])
+    tracker.update([])
+    assert tracker.tracks == []  # a tentative track that misses a frame is noise
+    assert track_id == 1
+
+
+def test_an_id_survives_an_occlusion_of_ten_frames_while_another_object_moves():
+    tracker = Tracker(TrackerConfig(min_hits=2, max_lost=15))
+    ids = []
+    for t in range(30):
+        objects = [instance(20 + 2 * t, 40, basis(1), one_hot(1))]  # always visible, moving right
+        if not 10 <= t < 20:  # hidden for ten frames, then back where it was
+            objects.append(instance(100, 60, basis(0), one_hot(0)))
+        published = tracker.update(objects)
+        ids.append({t.label_id: t.id for t in published})
+    before, after = ids[9][0], ids[25][0]
+    assert before == after
+    assert len({frame[1] for frame in ids[2:]}) == 1  # the moving object kept its id throughout
+
+
+def test_labels_accumulate_evidence_and_do_not_flicker():
+    tracker = Tracker(TrackerConfig(min_hits=1))
+    labels = []
+    for t in range(12):
+        probs = one_hot(0, strength=0.6) if t % 4 != 3 else one_hot(2, strength=0.95)  # one odd frame in four
+        labels.append(tracker.update([instance(30, 30, basis(0), probs)])[0].label_id)
+    assert labels == [0] * 12
+    for _ in range(10):  # the object really is class 2 now: the label follows
+        label = tracker.update([instance(30, 30, basis(0), one_hot(2))])[0].label_id
+    assert label == 2
+
+
+def test_memory_is_bounded_and_ids_stay_in_the_mono16_range():
+    tracker = Tracker(TrackerConfig(min_hits=1, max_tracks=20, max_lost=1000))
+    rng = np.random.default_rng(1)
+    for _ in range(60):  # 10 new, unrelated objects every frame
+        tracker.update([instance(*rng.uniform(0, 140, 2), torch.from_numpy(rng.normal(size=DIM)), one_hot(0))
+                        for _ in range(10)])
+        assert len(tracker.tracks) <= 20
+    tracker._next_id = 65534
+    tracker.update([instance(5, 5, basis(3), one_hot(3)) for _ in range(1)] +
+                   [instance(100, 90, basis(4), one_hot(1))])
+    assert all(1 <= t.id <= 65535 for t in tracker.tracks)
+
+
+def test_a_vocabulary_change_relabels_from_the_tracks_embeddings():
+    tracker = Tracker(TrackerConfig(min_hits=1))
+    red, blue = basis(0), basis(1)
+    tracker.update([instance(10, 10, red, one_hot(0)), instance(80, 60, blue, one_hot(1))])
+    # New vocabulary: blue first, red second (and a third class).
+    prepared = PreparedVocabulary(Vocabulary(("blue", "red", "green"), version=7),
+                                  torch.stack([blue, red, basis(2)]))
+    tracker.sync_vocabulary(prepared, logit_scale=50.0)
+    assert tracker.vocabulary_version == 7
+    by_box = {int(t.box[0]): t for t in tracker.tracks}
+    assert by_box[10].label_id == 1 and by_box[80].label_id == 0
+    assert by_box[10].evidence.shape == (3,)

@@ -112,6 +112,8 @@ SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("max_rate_hz", 0.0, "process at most this many frames per second per camera; 0 = as fast as possible",
               low=0.0, high=1000.0),
     ParamSpec("publish_overlay", True, "publish the rgb8 colour overlay for rviz"),
+    ParamSpec("publish_confidence", False, "publish `confidence` (32FC1): the winning class's probability per "
+              "pixel; pixels below score_threshold are 65535 (unknown) in `labels`"),
     ParamSpec("overlay_alpha", 0.5, "opacity of the class colours in the overlay", low=0.0, high=1.0),
     ParamSpec("frame_cache_size", 4, "recent frames kept for prompt queries by stamp", read_only=True, low=1,
               high=64),

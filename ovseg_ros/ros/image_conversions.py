@@ -124,6 +124,11 @@ def mono16_to_image(array: np.ndarray, header) -> Image:
     return _array_to_image(array.astype(np.uint16, copy=False), header, "mono16")
 
 
+def float_to_image(array: np.ndarray, header) -> Image:
+    """(H, W) float -> 32FC1 Image (the depth-image encoding rviz and image_view display)."""
+    return _array_to_image(array.astype(np.float32, copy=False), header, "32FC1")
+
+
 def mono8_to_image(array: np.ndarray, header) -> Image:
     return _array_to_image(array.astype(np.uint8, copy=False), header, "mono8")
 
@@ -173,8 +178,10 @@ def pixel_array(msg: Image, dtype, channels: int) -> np.ndarray:
 
 
 def image_to_array(msg: Image) -> np.ndarray:
-    """Raw view of mono8/mono16/rgb8 images as numpy (for consumers of our own outputs: labels, masks)."""
-    dtypes = {"mono8": (np.uint8, 1), "mono16": (np.uint16, 1), "rgb8": (np.uint8, 3), "bgr8": (np.uint8, 3)}
+    """Raw view of mono8/mono16/rgb8/32FC1 images as numpy (for consumers of our own outputs: labels, masks,
+    confidence)."""
+    dtypes = {"mono8": (np.uint8, 1), "mono16": (np.uint16, 1), "rgb8": (np.uint8, 3), "bgr8": (np.uint8, 3),
+              "32FC1": (np.float32, 1)}
     if msg.encoding not in dtypes:
         raise ImageError(f"image_to_array handles {', '.join(dtypes)}, not {msg.encoding}")
     return pixel_array(msg, *dtypes[msg.encoding])

@@ -19,6 +19,7 @@ from ..core.prompt import MAX_PROMPTS, Prompt, PromptError
 from ..core.vocabulary import Vocabulary
 from .image_conversions import (
     compressed_to_rgb,
+    float_to_image,
     image_to_rgb,
     mono8_to_image,
     mono16_to_image,
@@ -73,6 +74,8 @@ def frame_messages(output: FrameOutput) -> dict[str, object]:
     out: dict[str, object] = {"labels": seg.labels, "segmentation": seg}
     if output.overlay is not None:
         out["overlay"] = rgb_to_image(output.overlay, header)
+    if output.settings.publish_confidence:
+        out["confidence"] = float_to_image(result.confidence, header)
     if output.cloud is not None:
         out["labels_cloud"] = cloud_msg(header, output.depth, output.cloud)
     if output.regions is not None:

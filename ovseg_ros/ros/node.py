@@ -175,7 +175,7 @@ class OvsegNode(LifecycleNode):
     def _create_entities(self) -> None:
         settings, has_prompts = self.pipeline.settings, self.pipeline.has_prompts
         per_camera = {"labels": Image, "segmentation": Segmentation, "overlay": Image, "instances": Segmentation,
-                      "objects": TrackedObjects, "object_ids": Image}
+                      "objects": TrackedObjects, "object_ids": Image, "confidence": Image}
         if settings.use_depth:
             per_camera.update(labels_cloud=PointCloud2, labels_markers=MarkerArray, objects_markers=MarkerArray)
         for camera in self.cameras.values():

@@ -162,3 +162,33 @@ def test_tracked_objects_keep_ids_and_follow_a_vocabulary_change():
     assert pipeline.trackers[""].vocabulary_version == 2
     assert all(t.evidence.shape == (4,) for t in pipeline.trackers[""].tracks)  # relabelled for the new names
     assert all(v.label in ("sky", "grass", "red circle", "blue circle") for v in output.objects)
+
+
+def test_every_output_of_a_frame_becomes_a_message_with_the_source_header(pipeline):
+    from std_msgs.msg import Header
+
+    from ovseg_ros.ros.image_conversions import image_to_array
+    from ovseg_ros.ros.messages import frame_messages
+
+    header = Header(frame_id="cam")
+    header.stamp.sec = 42
+    image = scene(8)
+    pipeline.update_settings({"publish_confidence": True, "segment_everything": True})
+    try:
+        output = pipeline.process_batch([FrameInput("front", image, (42, 0), header, depth_for(image))])[0]
+    finally:
+        pipeline.update_settings({"publish_confidence": False, "segment_everything": False})
+    msgs = frame_messages(output)
+    assert set(msgs) == {"labels", "segmentation", "overlay", "confidence", "labels_cloud", "labels_markers",
+                         "objects", "object_ids", "objects_markers", "instances"}
+    for name, msg in msgs.items():
+        if name.endswith("markers"):  # DELETEALL first, then one marker per class / tracked object
+            assert msg.markers[0].action == msg.markers[0].DELETEALL and msg.markers[0].header.frame_id == "depth"
+            assert all(m.header.stamp.sec == 42 for m in msg.markers[1:]), name
+        else:
+            assert msg.header.stamp.sec == 42, name
+    assert len(msgs["labels_markers"].markers) > 1
+    assert msgs["confidence"].encoding == "32FC1"
+    assert np.array_equal(image_to_array(msgs["confidence"]), output.result.confidence)
+    assert np.array_equal(image_to_array(msgs["object_ids"]), output.object_ids)
+    assert [o.id for o in msgs["objects"].objects] == [v.id for v in output.objects]

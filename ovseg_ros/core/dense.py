@@ -195,12 +195,22 @@ class DenseSegmenter:
         return runner
 
     def prepare(self, vocabulary: Vocabulary) -> PreparedVocabulary:
-        """Embed a vocabulary (cached); call before swapping it in so frames never wait for text encoding."""
-        if self.config.synonym_merge == "mean" or all(len(names) == 1 for names in vocabulary.synonyms):
+        """Embed a vocabulary (cached); call before swapping it in so frames never wait for text encoding.
+        Example images (of this model) are queries of their class, beside its text."""
+        examples = [e for e in vocabulary.exemplars if e.model_id == self.encoder.model_id]
+        if not examples and (self.config.synonym_merge == "mean"
+                             or all(len(names) == 1 for names in vocabulary.synonyms)):
             return PreparedVocabulary(vocabulary, self.text_cache.embed_vocabulary(vocabulary))
-        names = tuple(name for names in vocabulary.synonyms for name in names)
-        owners = torch.tensor([index for index, names in enumerate(vocabulary.synonyms) for _ in names])
-        return PreparedVocabulary(vocabulary, self.text_cache.embed(names, vocabulary.templates), owners)
+        if self.config.synonym_merge == "mean":
+            text, owners = self.text_cache.embed_vocabulary(vocabulary), list(range(len(vocabulary)))
+        else:
+            names = tuple(name for names in vocabulary.synonyms for name in names)
+            owners = [index for index, names in enumerate(vocabulary.synonyms) for _ in names]
+            text = self.text_cache.embed(names, vocabulary.templates)
+        if examples:
+            text = torch.cat([text, torch.tensor([e.embedding for e in examples], dtype=text.dtype)])
+            owners += [vocabulary.labels.index(e.label) for e in examples]
+        return PreparedVocabulary(vocabulary, text, torch.tensor(owners))
 
     @property
     def pixel_logit_scale(self) -> float:

@@ -20,22 +20,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from .dense import DenseSegmenter, PreparedVocabulary, SegmentationResult
 from .geometry import PairedDepth, Region3D, class_regions, labelled_cloud_points, region_centroid
-from .instances import background_mask, extract_instances, instances_from_masks, object_masks
+from .instances import background_mask, extract_instances, instances_from_masks, object_masks, pooled_embeddings
 from .overlay import blend, draw_prompt_answers
 from .prompt import CachedFrame, Prompt, PromptAnswer, PromptError, PromptSegmenter
 from .settings import Settings, check_consistent, replace_settings
 from .text_cache import TextEmbeddingCache
 from .tracking import Track, Tracker
 from .vocabulary import (
+    Exemplar,
     Vocabulary,
     VocabularyError,
     VocabularyLimits,
     load_vocabulary,
     make_vocabulary,
     save_vocabulary,
+    with_exemplars,
 )
 
 LOG = logging.getLogger("ovseg_ros.pipeline")
@@ -139,6 +142,17 @@ class PromptOutcome:
     overlay: np.ndarray | None  # the answers drawn on the frame, when publish_overlay
 
 
+@dataclass
+class ExemplarRequest:
+    """An example image of a class: its own image (e.g. a crop), or a box on a recent frame of a camera."""
+
+    label: str
+    image: np.ndarray | None = None  # (H, W, 3) uint8 RGB
+    box: np.ndarray | None = None  # (4,) x1, y1, x2, y2 on the camera's frame
+    camera: str = ""
+    key: FrameKey | None = None  # the frame's stamp; None = the newest
+
+
 @dataclass(frozen=True)
 class VocabularyChange:
     success: bool
@@ -167,6 +181,8 @@ class SegmentationPipeline:
             for name in [*self.cameras[1:], REQUESTS]:
                 self.prompters[name] = prompter.for_another_camera()
         self.trackers = {name: Tracker() for name in self.cameras}
+        self._latest: dict[str, tuple[FrameKey, torch.Tensor, tuple[int, int]]] = {}  # camera -> newest frame's
+        # key, dense features and size (examples given as boxes need them, with or without SAM's frame cache)
         self._tracked_header: dict[str, object] = {}  # camera -> header of the frame its tracks were updated on
         self._tracker_lock = threading.Lock()  # the worker updates, services read
         self.last_batch = 0  # frames in the last image-tower pass
@@ -241,6 +257,7 @@ class SegmentationPipeline:
     def _finish(self, frame: FrameInput, result: SegmentationResult, prepared: PreparedVocabulary,
                 settings: Settings) -> FrameOutput:
         output = FrameOutput(frame, vocabulary=prepared.vocabulary, settings=settings)
+        self._latest[frame.camera] = (frame.key, result.dense_features, frame.image.shape[:2])
         depth = frame.depth.limited(settings.max_range_m) if frame.depth is not None else None
         prompter = self.prompters.get(frame.camera)
         if prompter is not None:
@@ -372,14 +389,18 @@ class SegmentationPipeline:
         return REQUESTS if key in sent or not own else camera
 
     # ------------------------------------------------------------------ vocabulary
-    def set_vocabulary(self, labels: list[str], templates: list[str]) -> VocabularyChange:
-        """Validate, embed, persist, swap -- in that order: a change that cannot be kept is not made. Never raises."""
+    def set_vocabulary(self, labels: list[str], templates: list[str], exemplars: list[ExemplarRequest] = (),
+                       clear_exemplars: bool = False) -> VocabularyChange:
+        """Validate, embed, persist, swap -- in that order: a change that cannot be kept is not made. Never raises.
+        Example images already in the vocabulary stay for the labels that remain unless `clear_exemplars`."""
         with self._vocab_lock:
             current = self._prepared
             try:
                 vocabulary = make_vocabulary(labels, templates, previous=current.vocabulary, limits=self.limits)
+                keep = () if clear_exemplars else current.vocabulary.exemplars
+                vocabulary = with_exemplars(vocabulary, [self._exemplar(e) for e in exemplars], keep, self.limits)
                 prepared = self.segmenter.prepare(vocabulary)
-            except VocabularyError as exc:
+            except (VocabularyError, PromptError) as exc:
                 return VocabularyChange(False, str(exc), current.version)
             except Exception as exc:  # text encoding failure must not take the node down
                 return VocabularyChange(False, f"embedding the vocabulary failed: {exc!r}", current.version)
@@ -391,8 +412,41 @@ class SegmentationPipeline:
                     return VocabularyChange(False, f"cannot save the vocabulary to {path} ({exc}); the vocabulary "
                                                    "in force is unchanged", current.version)
             self._prepared = prepared
-        return VocabularyChange(True, f"vocabulary v{vocabulary.version}: {len(vocabulary)} classes",
+        examples = f", {len(vocabulary.exemplars)} example images" if vocabulary.exemplars else ""
+        return VocabularyChange(True, f"vocabulary v{vocabulary.version}: {len(vocabulary)} classes{examples}",
                                 vocabulary.version)
+
+    def _exemplar(self, request: ExemplarRequest) -> Exemplar:
+        """The example's embedding: its image's dense features pooled whole, or the frame's under the box (the
+        same kind of feature every pixel and object is classified with)."""
+        label = request.label.strip()
+        if not label:
+            raise VocabularyError("an example image needs a class name")
+        if request.image is not None:
+            dense = self.segmenter.frame_features(request.image)
+            mask = np.ones(request.image.shape[:2], bool)
+        else:
+            camera = self.camera_named(request.camera)
+            if request.key is not None and camera in self.prompters and request.key in \
+                    self.prompters[camera].cached_keys():
+                frame = self.prompters[camera].frame(request.key)
+                dense, size = frame.clip_dense, frame.image.shape[:2]
+            elif camera in self._latest and request.key in (None, self._latest[camera][0]):
+                _, dense, size = self._latest[camera]
+            else:
+                raise VocabularyError("no frame of camera " + (repr(camera) if camera else "(the first)")
+                                      + (" with that stamp" if request.key else " yet") + " to take the example from")
+            box = np.asarray(request.box, dtype=np.float64).reshape(-1)
+            if box.shape != (4,) or not np.isfinite(box).all():
+                raise VocabularyError("an example box needs four finite numbers x1, y1, x2, y2")
+            x1, y1, x2, y2 = box
+            if not (0 <= x1 < x2 <= size[1] and 0 <= y1 < y2 <= size[0]):
+                raise VocabularyError(f"example box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) is empty or leaves the "
+                                      f"{size[1]}x{size[0]} frame")
+            mask = np.zeros(size, bool)
+            mask[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = True
+        embedding = pooled_embeddings(dense, mask[None])[0]
+        return Exemplar(label, tuple(float(v) for v in embedding), self.segmenter.encoder.model_id)
 
 
 # ---------------------------------------------------------------------- factory

@@ -34,13 +34,27 @@ class VocabularyLimits:
     max_templates: int = 100  # room for CLIP's 80 ImageNet templates (`imagenet80`)
 
 
+MAX_EXEMPLARS = 64  # example images per vocabulary
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    """An example image of a class, as the CLIP embedding it pools to (meaningful only for `model_id`)."""
+
+    label: str  # the class (one of the vocabulary's labels)
+    embedding: tuple[float, ...]  # normalised
+    model_id: str
+
+
 @dataclass(frozen=True)
 class Vocabulary:
-    """Class names (each may hold ';'-separated synonyms) and the prompt templates that embed them."""
+    """Class names (each may hold ';'-separated synonyms), the prompt templates that embed them, and example
+    images of some classes (their embeddings join the text embeddings)."""
 
     labels: tuple[str, ...]
     templates: tuple[str, ...] = DEFAULT_TEMPLATES
     version: int = 1
+    exemplars: tuple[Exemplar, ...] = ()
     synonyms: tuple[tuple[str, ...], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -147,6 +161,23 @@ def make_vocabulary(
     return Vocabulary(labels=clean_labels, templates=clean_templates, version=version)
 
 
+def with_exemplars(vocabulary: Vocabulary, exemplars: list[Exemplar], keep: tuple[Exemplar, ...] = (),
+                   limits: VocabularyLimits = VocabularyLimits()) -> Vocabulary:
+    """`vocabulary` with `keep` (earlier examples whose label remains) and new `exemplars`; a new example's label
+    that is not a class yet becomes one."""
+    labels = list(vocabulary.labels)
+    for exemplar in exemplars:
+        if exemplar.label not in labels:
+            labels.append(exemplar.label)
+    clean_labels = validate_labels(labels, limits)
+    kept = [e for e in keep if e.label in clean_labels]
+    total = kept + list(exemplars)
+    if len(total) > MAX_EXEMPLARS:
+        raise VocabularyError(f"{len(total)} example images exceed the limit of {MAX_EXEMPLARS}")
+    return Vocabulary(labels=clean_labels, templates=vocabulary.templates, version=vocabulary.version,
+                      exemplars=tuple(total))
+
+
 def save_vocabulary(vocabulary: Vocabulary, path: str) -> None:
     """Persist atomically (write, then rename), so a crash mid-write never leaves a broken file."""
     import json
@@ -157,7 +188,9 @@ def save_vocabulary(vocabulary: Vocabulary, path: str) -> None:
     os.makedirs(directory, exist_ok=True)
     with open(tmp, "w") as handle:
         json.dump({"labels": list(vocabulary.labels), "prompt_templates": list(vocabulary.templates),
-                   "vocabulary_version": vocabulary.version}, handle, indent=1)
+                   "vocabulary_version": vocabulary.version,
+                   "exemplars": [{"label": e.label, "model": e.model_id, "embedding": list(e.embedding)}
+                                 for e in vocabulary.exemplars]}, handle)
     os.replace(tmp, path)
 
 
@@ -173,6 +206,10 @@ def load_vocabulary(path: str, limits: VocabularyLimits = VocabularyLimits()) ->
         version = data["vocabulary_version"]
         if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
             raise ValueError(f"vocabulary_version must be an integer in [1, {MAX_VERSION}], got {version!r}")
+        exemplars = tuple(Exemplar(str(e["label"]), tuple(float(v) for v in e["embedding"]), str(e["model"]))
+                          for e in data.get("exemplars", []))
+        if any(e.label not in labels for e in exemplars) or len(exemplars) > MAX_EXEMPLARS:
+            raise ValueError("an example image belongs to no class of the vocabulary, or there are too many")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise VocabularyError(f"cannot restore the vocabulary from {path}: {exc}") from exc
-    return Vocabulary(labels=labels, templates=templates, version=version)
+    return Vocabulary(labels=labels, templates=templates, version=version, exemplars=exemplars)

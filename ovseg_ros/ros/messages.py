@@ -10,13 +10,21 @@ from sensor_msgs.msg import CompressedImage, Image, PointCloud2, PointField
 from visualization_msgs.msg import Marker, MarkerArray
 
 from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentation, TrackedObject, TrackedObjects
-from ovseg_interfaces.srv import FindObjects, SegmentPrompt
+from ovseg_interfaces.srv import FindObjects, SegmentPrompt, SetVocabulary
 
 from ..core.geometry import CLOUD_DTYPE, PairedDepth, Region3D
 from ..core.overlay import palette
-from ..core.pipeline import FoundObjects, FrameOutput, ObjectView, PromptOutcome, PromptRequest, frame_key
+from ..core.pipeline import (
+    ExemplarRequest,
+    FoundObjects,
+    FrameOutput,
+    ObjectView,
+    PromptOutcome,
+    PromptRequest,
+    frame_key,
+)
 from ..core.prompt import MAX_PROMPTS, Prompt, PromptError
-from ..core.vocabulary import Vocabulary
+from ..core.vocabulary import MAX_EXEMPLARS, Vocabulary, VocabularyError
 from .image_conversions import (
     compressed_to_rgb,
     float_to_image,
@@ -236,6 +244,32 @@ def fill_find_response(response: FindObjects.Response, found: FoundObjects) -> N
     response.masks = [mono8_to_image(v.mask.astype(np.uint8) * 255, response.header) if v.visible else Image()
                       for v in found.objects]
     response.message = f"{len(found.objects)} objects ranked" + ("" if found.objects else " (no tracks yet)")
+
+
+# ---------------------------------------------------------------------- vocabulary
+def exemplar_requests(request: SetVocabulary.Request, max_pixels: int) -> list[ExemplarRequest]:
+    """The request's example images: one per exemplar label, from exemplar_images or 4 numbers of
+    exemplar_boxes each; VocabularyError / ImageError say what does not fit."""
+    labels = list(request.exemplar_labels)
+    if not labels:
+        if len(request.exemplar_images) or len(request.exemplar_boxes):
+            raise VocabularyError("example images or boxes were given without exemplar_labels")
+        return []
+    if len(labels) > MAX_EXEMPLARS:
+        raise VocabularyError(f"{len(labels)} example images exceed the limit of {MAX_EXEMPLARS}")
+    if len(request.exemplar_images):
+        if len(request.exemplar_images) != len(labels):
+            raise VocabularyError(f"{len(labels)} exemplar_labels but {len(request.exemplar_images)} "
+                                  "exemplar_images: give one image per label")
+        return [ExemplarRequest(label, image=image_to_rgb(image, max_pixels))
+                for label, image in zip(labels, request.exemplar_images, strict=True)]
+    boxes = np.asarray(request.exemplar_boxes, dtype=np.float32)
+    if len(boxes) != 4 * len(labels):
+        raise VocabularyError(f"{len(labels)} exemplar_labels need {4 * len(labels)} exemplar_boxes numbers "
+                              f"(x1, y1, x2, y2 each), got {len(boxes)}")
+    key = frame_key(request.exemplar_stamp)
+    return [ExemplarRequest(label, box=box, camera=request.camera, key=None if key == (0, 0) else key)
+            for label, box in zip(labels, boxes.reshape(-1, 4), strict=True)]
 
 
 # ---------------------------------------------------------------------- prompts

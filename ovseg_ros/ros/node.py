@@ -281,7 +281,15 @@ class OvsegNode(LifecycleNode):
             response.success, response.message = False, "no model is configured (the node is unconfigured or " \
                                                         "shutting down)"
             return response
-        change = pipeline.set_vocabulary(list(request.labels), list(request.prompt_templates))
+        try:
+            exemplars = messages.exemplar_requests(request, int(pipeline.settings.max_image_pixels))
+        except (VocabularyError, ImageError) as exc:
+            response.success, response.message = False, str(exc)
+            response.vocabulary_version = pipeline.vocabulary.version
+            self.get_logger().warning(f"set_vocabulary refused: {exc}")
+            return response
+        change = pipeline.set_vocabulary(list(request.labels), list(request.prompt_templates), exemplars,
+                                         request.clear_exemplars)
         response.success, response.message = change.success, change.message
         response.vocabulary_version = change.version
         if change.success:

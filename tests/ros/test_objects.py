@@ -91,3 +91,45 @@ def test_bad_find_requests_are_refused_and_the_node_keeps_serving(node, query, c
     answer = find(client, finder, query, camera)
     assert not answer.success and reason in answer.message
     assert proc.alive() and find(client, finder, "red circle").success
+
+
+def test_an_example_image_becomes_a_class_over_dds_and_bad_examples_are_refused(node):
+    import numpy as np
+
+    from ovseg_interfaces.srv import SetVocabulary
+
+    proc, client, _ = node
+    scene = render_sequence(5004, frames=1, size=(192, 192), count=1, occluder=False)[0]
+    header = Header(frame_id="cam")
+    header.stamp.sec = 800
+    assert client.segment(rgb_to_image(scene.image, header)) is not None
+    ys, xs = np.nonzero(scene.ids)
+    box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+    labels = ["sky", "grass", "water", "sand", "wall"]
+    request = SetVocabulary.Request(labels=labels, exemplar_labels=["my thing"], exemplar_boxes=box)
+    answer = client.call(client.set_client, request)
+    assert answer.success, answer.message
+    assert "1 example images" in answer.message
+    assert client.get_vocabulary().labels[-1] == "my thing"
+    crop = scene.image[int(box[1]):int(box[3]), int(box[0]):int(box[2])]
+    by_image = SetVocabulary.Request(labels=[*labels, "my thing"], exemplar_labels=["my other thing"],
+                                     exemplar_images=[rgb_to_image(np.ascontiguousarray(crop), Header())])
+    answer = client.call(client.set_client, by_image)
+    assert answer.success and "2 example images" in answer.message, answer.message
+    version = answer.vocabulary_version
+    bad = [
+        (SetVocabulary.Request(labels=labels, exemplar_labels=["a", "b"], exemplar_boxes=box), "need 8"),
+        (SetVocabulary.Request(labels=labels, exemplar_labels=["a"], exemplar_boxes=[0.0, 0.0, 999.0, 5.0]),
+         "leaves"),
+        (SetVocabulary.Request(labels=labels, exemplar_boxes=box), "without exemplar_labels"),
+        (SetVocabulary.Request(labels=labels, exemplar_labels=["a"], camera="left", exemplar_boxes=box),
+         "unknown camera"),
+    ]
+    huge = rgb_to_image(np.zeros((8, 8, 3), np.uint8), Header())
+    huge.height, huge.width = 5000, 5000  # declares more pixels than max_image_pixels allows
+    bad.append((SetVocabulary.Request(labels=labels, exemplar_labels=["a"], exemplar_images=[huge]), "exceeds"))
+    for request, reason in bad:
+        answer = client.call(client.set_client, request)
+        assert not answer.success and reason in answer.message, (reason, answer.message)
+        assert answer.vocabulary_version == version
+    assert proc.alive()

@@ -192,3 +192,55 @@ def test_every_output_of_a_frame_becomes_a_message_with_the_source_header(pipeli
     assert np.array_equal(image_to_array(msgs["confidence"]), output.result.confidence)
     assert np.array_equal(image_to_array(msgs["object_ids"]), output.object_ids)
     assert [o.id for o in msgs["objects"].objects] == [v.id for v in output.objects]
+
+
+def exemplar_scenes():
+    """A training scene with one object of a class outside the vocabulary, and a later scene with the same
+    class among others."""
+    names = ("red circle", "blue square")
+    first = next(s for s in (generate_scene(seed, size=224, split="train", min_objects=1, max_objects=1)
+                             for seed in range(100)) if s.instance_classes[0] not in names)
+    second = next(s for s in (generate_scene(seed, size=224, split="train", min_objects=1, max_objects=2)
+                              for seed in range(100, 600)) if first.instance_classes[0] in s.instance_classes)
+    return first, second
+
+
+def test_an_example_box_becomes_a_class_recognised_on_a_new_frame_and_is_persisted(tmp_path):
+    from ovseg_ros.core.pipeline import ExemplarRequest
+
+    path = tmp_path / "vocabulary.json"
+    settings = make_settings({"sam_model": "", "selection_threshold": 0.0, "vocabulary_file": str(path),
+                              "vocabulary": ["grass", "water", "sky", "wall", "sand", "red circle", "blue square"]})
+    pipeline = build_pipeline(settings, warm_up=False)
+    first, second = exemplar_scenes()
+    pipeline.process_batch([FrameInput("", first.image, (1, 0))])
+    change = pipeline.set_vocabulary(list(pipeline.vocabulary.labels), [],
+                                     [ExemplarRequest("my thing", box=first.boxes[0])])
+    assert change.success, change.message
+    assert pipeline.vocabulary.labels[-1] == "my thing" and len(pipeline.vocabulary.exemplars) == 1
+    output = pipeline.process_batch([FrameInput("", second.image, (2, 0))])[0]
+    mask = second.instance_masks[second.instance_classes.index(first.instance_classes[0])]
+    values, counts = np.unique(output.result.labels[mask], return_counts=True)
+    assert pipeline.vocabulary.display_names[values[np.argmax(counts)]] == "my thing"
+    restarted = build_pipeline(settings, warm_up=False)  # the example survives a restart
+    assert restarted.vocabulary.exemplars == pipeline.vocabulary.exemplars
+    assert restarted.prepared.text_embeddings.shape[0] == len(restarted.vocabulary) + 1
+    kept = pipeline.set_vocabulary(["sky", "my thing"], [])
+    assert kept.success and len(pipeline.vocabulary.exemplars) == 1  # kept for the labels that remain
+    assert pipeline.set_vocabulary(["sky", "my thing"], [], clear_exemplars=True).success
+    assert pipeline.vocabulary.exemplars == ()
+
+
+@pytest.mark.parametrize("box, reason", [
+    ([-5, 0, 10, 10], "leaves"), ([10, 10, 5, 20], "empty"), ([0, 0, float("nan"), 4], "finite"),
+])
+def test_bad_example_boxes_are_refused_with_the_reason(pipeline, box, reason):
+    from ovseg_ros.core.pipeline import ExemplarRequest
+
+    pipeline.process_batch([FrameInput("front", scene(9), (300, 0))])
+    before = pipeline.vocabulary
+    change = pipeline.set_vocabulary(list(before.labels), [], [ExemplarRequest("x", box=np.array(box), camera="front")])
+    assert not change.success and reason in change.message and pipeline.vocabulary is before
+    unknown = pipeline.set_vocabulary(list(before.labels), [], [ExemplarRequest("x", box=np.array([0, 0, 4, 4]),
+                                                                                camera="front", key=(1234, 0))])
+    assert not unknown.success and "stamp" in unknown.message

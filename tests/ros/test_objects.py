@@ -133,3 +133,33 @@ def test_an_example_image_becomes_a_class_over_dds_and_bad_examples_are_refused(
         assert not answer.success and reason in answer.message, (reason, answer.message)
         assert answer.vocabulary_version == version
     assert proc.alive()
+
+
+def test_an_object_hidden_for_six_frames_keeps_its_id(node):
+
+    from ovseg_ros.bench.tracking import mask_ious
+
+    proc, client, _ = node
+    assert client.set_vocabulary(world_vocabulary()).success
+    sequence = render_sequence(6000, frames=24, size=(192, 192), count=2, split="train", occluder=True,
+                               hidden_frames=6)
+    hidden_seen, ids = False, []
+    for t, frame in enumerate(sequence):
+        header = Header(frame_id="cam")
+        header.stamp.sec = 900 + t
+        assert client.segment(rgb_to_image(frame.image, header)) is not None, proc.output()
+        objects = client.wait_for("objects", lambda m, s=900 + t: m.header.stamp.sec == s, timeout=10)
+        id_image = image_to_array(client.wait_for("object_ids", lambda m, s=900 + t: m.header.stamp.sec == s,
+                                                  timeout=10))
+        target = frame.ids == 1
+        if target.sum() < 40:
+            hidden_seen = True
+            continue
+        masks = [id_image == o.id for o in objects.objects]
+        ious = mask_ious([target], masks)
+        if ious.size and ious.max() >= 0.5:
+            ids.append((hidden_seen, objects.objects[int(ious.argmax())].id))
+    before = {i for hidden, i in ids if not hidden}
+    after = {i for hidden, i in ids if hidden}
+    assert hidden_seen and before and after, ids
+    assert before == after and len(before) == 1, ids

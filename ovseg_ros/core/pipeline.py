@@ -25,7 +25,7 @@ import torch
 from .dense import DenseSegmenter, PreparedVocabulary, SegmentationResult
 from .geometry import PairedDepth, Region3D, class_regions, labelled_cloud_points, region_centroid
 from .instances import background_mask, extract_instances, instances_from_masks, object_masks, pooled_embeddings
-from .overlay import blend, draw_prompt_answers
+from .overlay import blend, draw_object_names, draw_prompt_answers
 from .prompt import CachedFrame, Prompt, PromptAnswer, PromptError, PromptSegmenter
 from .settings import Settings, check_consistent, replace_settings
 from .text_cache import TextEmbeddingCache
@@ -294,6 +294,8 @@ class SegmentationPipeline:
                                             max_instances=settings.track_max_tracks)
             self._track(frame.camera, frame.header, objects, output, prepared, settings)
             output.tracking_ms = (time.perf_counter() - start) * 1000
+            if output.overlay is not None:
+                draw_object_names(output.overlay, output.objects)
         return output
 
     def _track(self, camera: str, header: object, objects: list, output: FrameOutput,

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import cv2
@@ -18,6 +17,7 @@ from ..core.pipeline import FrameInput, SegmentationPipeline, build_pipeline
 from ..core.settings import Settings, add_setting_options, make_settings, settings_from_args
 from ..core.vocabulary import UNLABELLED, Vocabulary
 from ..synth.world import HELD_OUT, STUFF, generate_scene, object_class_names, world_vocabulary
+from .report import print_against_targets, write_json
 
 EVAL_SEED_BASE = 900_000  # evaluation seeds never overlap training pools (those use seed * 1_000_003 + i)
 
@@ -158,15 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                **evaluate_dense(pipeline, args.scenes)}
     if pipeline.has_prompts:
         results.update(sam=args.sam, **evaluate_prompts(pipeline, args.scenes))
-    print(f"{'metric':28s} {'value':>8s} {'target':>8s}")
-    for key, value in results.items():
-        if isinstance(value, float):
-            target = TARGETS.get(key)
-            mark = "" if target is None else ("  met" if value >= target else "  below")
-            print(f"{key:28s} {value:8.3f} {target if target is not None else '':>8}{mark}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+    print_against_targets({k: v for k, v in results.items() if isinstance(v, float)}, TARGETS)
+    write_json(args.json, results)
     return 0
 
 

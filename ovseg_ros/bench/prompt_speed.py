@@ -8,7 +8,6 @@ frame's SAM embedding is cached.
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from ..core.prompt import Prompt
 from ..core.settings import make_settings
 from ..core.vocabulary import Vocabulary
 from ..synth.world import generate_scene, world_vocabulary
+from .report import write_json
 from .speed import machine_info, median_ms
 
 
@@ -79,9 +79,7 @@ def main(argv: list[str] | None = None) -> int:
           f"-> {report['speedup_recognition']}x")
     print(f"  cached frame: {cached_all} ms for {args.prompts} prompts ({report['cached_frame_per_prompt_ms']} ms "
           f"per prompt), {cached_one} ms for a single prompt")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(report, handle, indent=1)
+    write_json(args.json, report)
     return 0
 
 

@@ -11,7 +11,6 @@ IDF1, as the CLEAR-MOT and identity measures define them).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from ..core.tracking import Tracker
 from ..core.vocabulary import Vocabulary
 from ..synth.sequences import render_sequence
 from ..synth.world import world_vocabulary
+from .report import print_against_targets, write_json
 
 MATCH_IOU = 0.5
 MIN_TRUE_AREA = 40  # true objects smaller than this (pixels) are not expected to be found
@@ -191,7 +191,7 @@ def tracker_time_at(count: int, runs: int = 50, dim: int = 128, classes: int = 6
     return round(float(np.median(times)), 3)
 
 
-TARGETS = {"idf1": 0.80, "occlusion_ids_kept": 1.0, "find_top1": 0.90}
+TARGETS = {"idf1": 0.80, "occlusion_ids_kept": 1.0, "find_top1": 0.90, "flicker_reduction": 3.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,13 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                "frames": args.frames, "hidden_frames": args.hidden, **total.measures(),
                "tracker_ms_20_objects": tracker_time_at(20)}
     results["flicker_reduction"] = round(results["flicker_untracked"] / max(results["flicker_tracked"], 1e-9), 2)
-    for key, value in results.items():
-        target = TARGETS.get(key)
-        mark = "" if target is None else ("  met" if value >= target else "  below")
-        print(f"{key:24s} {value}{'' if target is None else f'  (target {target})'}{mark}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=1)
+    print_against_targets(results, TARGETS)
+    write_json(args.json, results)
     return 0
 
 

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU matrix units)")
     parser.add_argument("--out", default="models/demo/ovseg-demo-clip.safetensors")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from OUT.ckpt (model, optimiser, clock, data order) written every 5 min")
+                        help="continue from OUT.ckpt (model, optimiser, clock, data order) written during training")
+    parser.add_argument("--checkpoint-every", type=float, default=300.0, help="seconds between checkpoints")
     parser.add_argument("--eval-scenes", type=int, default=100)
     args = parser.parse_args(argv)
 
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
             last_log = now
-        if now - last_ckpt > 300:
+        if now - last_ckpt > args.checkpoint_every:
             save(model, out, args.arch)
             save_checkpoint(checkpoint, model, optimiser, now - t0, step, seen_images, rng)
             last_ckpt = now

@@ -50,6 +50,11 @@ def test_one_call_per_batch_returns_every_output_of_every_camera(pipeline):
     assert pipeline.prompters["front"].frame((1, 0)).header == "front-header"
     assert pipeline.prompters["rear"].frame((1, 0)).header == "rear-header"
     assert pipeline.prompters["front"].frame((1, 0)).depth is not None
+    # One tracker per camera: each camera's tracks come from its own frames only.
+    assert pipeline.trackers["front"] is not pipeline.trackers["rear"]
+    front_boxes = {tuple(t.box) for t in pipeline.trackers["front"].tracks}
+    rear_boxes = {tuple(t.box) for t in pipeline.trackers["rear"].tracks}
+    assert front_boxes and rear_boxes and not front_boxes & rear_boxes
 
 
 def test_prompts_on_a_camera_frame_get_3d_and_a_client_image_never_crosses_it(pipeline):

@@ -294,8 +294,6 @@ class SegmentationPipeline:
                                             max_instances=settings.track_max_tracks)
             self._track(frame.camera, frame.header, objects, output, prepared, settings)
             output.tracking_ms = (time.perf_counter() - start) * 1000
-            if output.overlay is not None:
-                draw_object_names(output.overlay, output.objects)
         return output
 
     def _track(self, camera: str, header: object, objects: list, output: FrameOutput,
@@ -309,6 +307,8 @@ class SegmentationPipeline:
             tracker.sync_vocabulary(prepared, self.segmenter.encoder.logit_scale)
             published = tracker.update(objects[: settings.track_max_tracks])
             output.objects = [ObjectView.of(t, names, settings.prompt_top_k) for t in published]
+            if output.overlay is not None:  # every object seen now is named, confirmed or not yet
+                draw_object_names(output.overlay, [ObjectView.of(t, names, 1) for t in tracker.tracks if t.visible])
             self._tracked_header[camera] = header
         ids = np.zeros(output.result.labels.shape, np.uint16)
         for view in sorted(output.objects, key=lambda v: -int(v.mask.sum())):  # smaller on top

@@ -130,7 +130,7 @@ SPECS: tuple[ParamSpec, ...] = (
               "everything (SAM's point-grid masks; needs sam_model, better masks, costs a SAM pass per frame)",
               choices=("dense", "everything")),
     ParamSpec("track_min_hits", 2, "frames an object must be seen before its track is published", low=1, high=100),
-    ParamSpec("track_max_lost", 15, "frames a track is kept while its object is not seen (occlusions up to this "
+    ParamSpec("track_max_lost", 30, "frames a track is kept while its object is not seen (occlusions up to this "
               "long keep the id)", low=0, high=10000),
     ParamSpec("track_max_tracks", 100, "most tracks kept per camera (memory bound)", low=1, high=10000),
     ParamSpec("track_min_area", 0.002, "smallest region tracked, as a fraction of the frame", low=0.0, high=1.0),

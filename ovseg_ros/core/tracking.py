@@ -27,7 +27,7 @@ TENTATIVE, CONFIRMED, LOST = "tentative", "confirmed", "lost"
 @dataclass(frozen=True)
 class TrackerConfig:
     min_hits: int = 2  # frames seen before a track is confirmed (published)
-    max_lost: int = 15  # frames a lost track is kept (occlusions up to this long keep the id)
+    max_lost: int = 30  # frames a lost track is kept (occlusions up to this long keep the id)
     max_tracks: int = 100  # memory bound; the oldest lost tracks go first
     min_similarity: float = 0.5  # embedding cosine below which two observations are never the same object
     iou_weight: float = 1.0
@@ -73,8 +73,10 @@ class Track:
         ids = ids[:k]
         return ids, [float(share[i]) for i in ids]
 
-    def predicted_box(self) -> np.ndarray:
-        shift = self.velocity * (self.lost_frames + 1)
+    def predicted_box(self, horizon: int = 5) -> np.ndarray:
+        """Constant velocity for a few frames at most: an object hidden for long is looked for where it was
+        last going, not extrapolated across the image (the search area grows instead, see `_associate`)."""
+        shift = self.velocity * min(self.lost_frames + 1, horizon)
         return self.box + np.concatenate([shift, shift]).astype(np.float32)
 
 

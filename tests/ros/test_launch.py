@@ -217,7 +217,8 @@ def test_rviz_config_shows_topics_the_node_publishes():
     config = yaml.safe_load((ROOT / "config" / "ovseg.rviz").read_text())
     displays = config["Visualization Manager"]["Displays"]
     topics = {d["Topic"]["Value"] for d in displays if "Topic" in d}
-    assert topics == {"/overlay", "/labels", "/labels_cloud", "/labels_markers"}
+    assert topics == {"/overlay", "/labels", "/labels_cloud", "/labels_markers", "/objects_markers"}
     classes = {d["Topic"]["Value"]: d["Class"] for d in displays}
     assert classes["/labels_cloud"].endswith("PointCloud2") and classes["/labels_markers"].endswith("MarkerArray")
+    assert classes["/objects_markers"].endswith("MarkerArray")
     assert all(d["Class"].startswith("rviz_default_plugins/") for d in displays)

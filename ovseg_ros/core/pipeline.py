@@ -114,7 +114,7 @@ class ObjectView:
 class FoundObjects:
     header: object  # of the frame the camera's tracks were last updated on
     objects: list[ObjectView]
-    scores: list[float]  # cosine similarity to the query, best first
+    scores: list[float]  # cosine similarity to the query (objects ranked by the query-vs-vocabulary probability)
 
 
 @dataclass
@@ -337,7 +337,13 @@ class SegmentationPipeline:
                 names = [f"class {i}" for i in range(tracks[0].evidence.shape[0])]
             views = [ObjectView.of(t, names, self.settings.prompt_top_k) for t in tracks]
         scores = [float(np.dot(v.embedding, text.numpy())) for v in views]
-        order = sorted(range(len(views)), key=lambda i: -scores[i])[: max_results or None]
+        ranking = scores
+        if views:  # rank by how much more the query fits than every vocabulary class (the query as one more class)
+            queries = torch.cat([self._prepared.text_embeddings.float(), text[None].float()])
+            embeddings = torch.from_numpy(np.stack([v.embedding for v in views]))
+            logits = self.segmenter.encoder.logit_scale * embeddings @ queries.T
+            ranking = torch.softmax(logits, dim=-1)[:, -1].tolist()
+        order = sorted(range(len(views)), key=lambda i: -ranking[i])[: max_results or None]
         return FoundObjects(header, [views[i] for i in order], [scores[i] for i in order])
 
     # ------------------------------------------------------------------ prompts

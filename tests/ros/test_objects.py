@@ -64,7 +64,7 @@ def test_objects_and_ids_follow_a_sequence_and_find_objects_answers(node):
     answer = find(client, finder, "red circle", max_results=2)
     assert answer.success, answer.message
     assert len(answer.objects) == len(answer.scores) == len(answer.masks) <= 2
-    assert answer.header.stamp.sec == 507 and list(answer.scores) == sorted(answer.scores, reverse=True)
+    assert answer.header.stamp.sec == 507 and all(-1.0 <= s <= 1.0 for s in answer.scores)
 
 
 def test_a_vocabulary_change_relabels_the_tracks_and_bumps_the_version(node):

@@ -3,7 +3,8 @@
     ovseg segment IMAGE_OR_DIR_OR_VIDEO... --vocab "grass,sky,red circle" --out DIR
 
 Writes, per input frame, a 16-bit label PNG (class id per pixel, 65535 unlabelled), an overlay PNG, and one
-summary.json with the vocabulary, per-frame classes, areas, scores and timings.
+summary.json with the vocabulary, per-frame classes, areas, scores, timings and tracked objects (ids persist
+across the frames of a video or folder, as the node's do across a camera's frames).
 """
 
 from __future__ import annotations
@@ -113,6 +114,8 @@ def segment_command(args: argparse.Namespace) -> int:
                         for i, n, a, s in zip(result.class_ids, result.class_names, result.class_areas,
                                               result.class_scores, strict=True)],
             "timings_ms": {k: round(v, 2) for k, v in result.timings_ms.items()},
+            "objects": [{"id": o.id, "label": o.label, "score": round(o.score, 4),
+                         "box": [round(float(v), 1) for v in o.box]} for o in output.objects or []],
         })
     progress.close()
     summary = {"model": pipeline.segmenter.encoder.model_id, "preset": args.preset,

@@ -42,6 +42,8 @@ def test_segment_folder_and_video(tmp_path):
     assert {c["id"] for c in frame["classes"]} == set(np.unique(labels).tolist()) - {65535}
     assert abs(sum(c["area"] for c in frame["classes"]) - 1.0) < 1e-3
     assert cv2.imread(str(out / "clip_000002_overlay.png")).shape == (120, 160, 3)
+    for frame in summary["frames"]:  # tracked objects of each frame (confirmed from the second sighting on)
+        assert all(o["label"] in VOCAB.split(",") and o["id"] >= 1 and len(o["box"]) == 4 for o in frame["objects"])
     # --batch 3: the same frames in the same order, the same labels, fewer tower passes
     batched = tmp_path / "batched"
     proc = run("segment", str(images), str(video), "--vocab", VOCAB, "--out", str(batched), "--quiet",

@@ -310,35 +310,35 @@ class OvsegNode(LifecycleNode):
         return response
 
     def _on_find_objects(self, request: FindObjects.Request, response: FindObjects.Response):
-        pipeline = self.pipeline
-        try:
-            if pipeline is None:
-                raise ValueError("no model is configured (the node is unconfigured or shutting down)")
+        def work(pipeline: SegmentationPipeline) -> None:
             messages.fill_find_response(response, pipeline.find_objects(request.query, request.camera,
                                                                         request.max_results, request.include_lost))
-        except ValueError as exc:  # PromptError (unknown camera) is a ValueError too
-            response.success, response.message = False, str(exc)
-            self.get_logger().warning(f"find_objects refused: {exc}")
-        except Exception as exc:
-            response.success, response.message = False, f"find_objects failed: {exc!r}"
-            self.get_logger().error(response.message)
-        return response
+
+        return self._serve("find_objects", response, work, (ValueError,))  # PromptError (camera) is one too
 
     def _on_segment_prompt(self, request: SegmentPrompt.Request, response: SegmentPrompt.Response):
-        pipeline = self.pipeline
-        try:
-            if pipeline is None:
-                raise PromptError("no model is configured (the node is unconfigured or shutting down)")
+        def work(pipeline: SegmentationPipeline) -> None:
             outcome = pipeline.answer_prompts(messages.prompt_request(request, int(pipeline.settings.max_image_pixels)))
             messages.fill_prompt_response(response, outcome, request.image.header)
             if outcome.overlay is not None:
                 self.cameras[outcome.camera].publishers["overlay"].publish(
                     rgb_to_image(outcome.overlay, response.header))
-        except (PromptError, ImageError, VocabularyError) as exc:
+
+        return self._serve("segment_prompt", response, work, (PromptError, ImageError, VocabularyError))
+
+    def _serve(self, service: str, response, work, refusals: tuple[type[Exception], ...]):
+        """Run a request on the pipeline: a refusal answers success=false with its reason (warning), anything else
+        with the error (logged); the node never goes down for one request."""
+        pipeline = self.pipeline
+        try:
+            if pipeline is None:
+                raise PromptError("no model is configured (the node is unconfigured or shutting down)")
+            work(pipeline)
+        except (PromptError, *refusals) as exc:
             response.success, response.message = False, str(exc)
-            self.get_logger().warning(f"segment_prompt refused: {exc}")
-        except Exception as exc:  # never let one request take the node down
-            response.success, response.message = False, f"segment_prompt failed: {exc!r}"
+            self.get_logger().warning(f"{service} refused: {exc}")
+        except Exception as exc:
+            response.success, response.message = False, f"{service} failed: {exc!r}"
             self.get_logger().error(response.message)
         return response
 

@@ -171,6 +171,7 @@ class DenseSegmenter:
         # Shared by every snapshot (`with_config`): backends built once per (variant, precision).
         self._runners: dict[tuple[str, str], object] = {}
         self._runners_lock = threading.Lock()
+        self._tower_lock = threading.Lock()  # one tower pass at a time (the worker, prompt images, examples)
         self._active: list = [None]
 
     def with_config(self, config: DenseConfig) -> DenseSegmenter:
@@ -273,16 +274,19 @@ class DenseSegmenter:
         run = self.runner()
         autocast = self.config.precision != "fp32" and self.backend in ("torch", "torch-compile", "auto")
         outputs = []
-        for start in range(0, pixels.shape[0], MAX_BATCH):
-            chunk = pixels[start:start + MAX_BATCH].contiguous()
-            if autocast:  # exported backends (ONNX Runtime, TensorRT) take float32 and apply their own precision
-                dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-                with torch.autocast(self.encoder.device.type, dtype=dtype):
-                    global_emb, dense = run(chunk)
-            else:
-                global_emb, dense = run(chunk)
-            outputs.append((global_emb.float(), dense.float()))
+        with self._tower_lock:
+            for start in range(0, pixels.shape[0], MAX_BATCH):
+                outputs.append(self._tower_chunk(run, pixels[start:start + MAX_BATCH].contiguous(), autocast))
         return torch.cat([g for g, _ in outputs]), torch.cat([d for _, d in outputs])
+
+    def _tower_chunk(self, run, chunk: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if autocast:  # exported backends (ONNX Runtime, TensorRT) take float32 and apply their own precision
+            dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+            with torch.autocast(self.encoder.device.type, dtype=dtype):
+                global_emb, dense = run(chunk)
+        else:
+            global_emb, dense = run(chunk)
+        return global_emb.float(), dense.float()
 
     def encode(self, pixels: torch.Tensor) -> list[FrameFeatures]:
         """Resized images of one size (B, 3, H, W) -> each one's windows through the tower, batched."""

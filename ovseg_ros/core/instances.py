@@ -38,6 +38,11 @@ class Instance:
         return int(self.mask.sum())
 
 
+def pooled_weights(dense: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
+    """(h, w) share of each feature cell covered by an (H, W) mask."""
+    return F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None, None], dense.shape[:2])[0, 0]
+
+
 def pooled_embeddings(dense: torch.Tensor, masks: np.ndarray) -> torch.Tensor:
     """(h, w, D) dense features, (P, H, W) masks -> (P, D) normalised mask-pooled features (area-weighted on the
     feature grid; an empty mask pools the whole frame rather than divide by zero)."""
@@ -45,8 +50,8 @@ def pooled_embeddings(dense: torch.Tensor, masks: np.ndarray) -> torch.Tensor:
     empty = weights.flatten(1).sum(1) <= 0
     if empty.any():
         weights[empty] = 1.0
-    pooled = torch.einsum("phw,hwd->pd", weights.to(dense.dtype), dense)
-    return F.normalize(pooled.float(), dim=-1)
+    pooled = torch.einsum("phw,hwd->pd", weights.to(device=dense.device, dtype=dense.dtype), dense)
+    return F.normalize(pooled.float(), dim=-1).cpu()  # small; trackers and messages work on the CPU
 
 
 def extract_instances(result: SegmentationResult, prepared: PreparedVocabulary, logit_scale: float,
@@ -95,7 +100,7 @@ def object_masks(masks: list[np.ndarray], background: np.ndarray, min_area_fract
     kept: list[np.ndarray] = []
     for mask in sorted(masks, key=lambda m: -int(m.sum())):
         area = int(mask.sum())
-        if not min_area_fraction * total <= area <= max_area_fraction * total:
+        if area == 0 or not min_area_fraction * total <= area <= max_area_fraction * total:
             continue
         if background[mask].mean() > max_background:
             continue
@@ -110,6 +115,7 @@ def instances_from_masks(masks: list[np.ndarray], dense: torch.Tensor, prepared:
                          class_ids: list[int] | None = None) -> list[Instance]:
     """Instances from object masks (the dense map's regions, or SAM's segment-everything masks): embeddings
     pooled from the frame's dense features, class probabilities, boxes and, with depth, 3D places."""
+    masks = [mask for mask in masks if mask.any()]
     if not masks:
         return []
     stacked = np.stack(masks)

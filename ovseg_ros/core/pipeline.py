@@ -24,7 +24,14 @@ import torch
 
 from .dense import DenseSegmenter, PreparedVocabulary, SegmentationResult
 from .geometry import PairedDepth, Region3D, class_regions, labelled_cloud_points, region_centroid
-from .instances import background_mask, extract_instances, instances_from_masks, object_masks, pooled_embeddings
+from .instances import (
+    background_mask,
+    extract_instances,
+    instances_from_masks,
+    object_masks,
+    pooled_embeddings,
+    pooled_weights,
+)
 from .overlay import blend, draw_object_names, draw_prompt_answers
 from .prompt import CachedFrame, Prompt, PromptAnswer, PromptError, PromptSegmenter
 from .settings import Settings, check_consistent, replace_settings
@@ -42,6 +49,7 @@ from .vocabulary import (
 )
 
 LOG = logging.getLogger("ovseg_ros.pipeline")
+EXEMPLAR_MARGIN = 0.1  # cosine by which an example beats the best text query on its own region (see _exemplar_scale)
 FrameKey = tuple[int, int]  # (sec, nanosec) of the frame's header stamp: how prompts name a cached frame
 REQUESTS = "\0requests"  # the frame cache of images sent with prompt requests (never a camera's name)
 
@@ -78,6 +86,7 @@ class FrameOutput:
     objects: list[ObjectView] | None = None  # published tracks (confirmed, visible now), when track_objects
     object_ids: np.ndarray | None = None  # (H, W) uint16 track id per pixel (0 = none), when track_objects
     tracking_ms: float = 0.0  # instances + tracker update
+    tracking_error: str = ""  # set when tracking alone failed on this frame (everything else is published)
     settings: Settings | None = None  # the snapshot this frame was computed with
     error: str = ""
 
@@ -115,6 +124,7 @@ class FoundObjects:
     header: object  # of the frame the camera's tracks were last updated on
     objects: list[ObjectView]
     scores: list[float]  # cosine similarity to the query (objects ranked by the query-vs-vocabulary probability)
+    depth_frame_id: str = ""  # the frame of the objects' 3D places
 
 
 @dataclass
@@ -215,7 +225,12 @@ class SegmentationPipeline:
         config = check_consistent(settings)
         if config.refinement == "sam" and not self.has_prompts:
             raise ValueError("refinement 'sam' needs the SAM model, which this pipeline has not loaded")
+        if settings.track_objects and settings.track_source == "everything" and not self.has_prompts:
+            raise ValueError("track_source 'everything' needs the SAM model, which this pipeline has not loaded")
+        was_tracking = self.settings.track_objects
         self._settings = (settings, self._segmenter.with_config(config))  # one reference swap
+        if was_tracking and not settings.track_objects:
+            self.clear_tracks()
         return settings
 
     def describe(self) -> dict[str, str]:
@@ -275,29 +290,39 @@ class SegmentationPipeline:
                                                  settings.cloud_stride)
             if settings.publish_markers:
                 output.regions = class_regions(depth, result.labels, result.class_ids, names)
-        everything = settings.track_objects and settings.track_source == "everything"
+        everything = settings.track_objects and settings.track_source == "everything" and prompter is not None
         if prompter is not None and (settings.segment_everything or everything):
             instances, answers = prompter.segment_everything(frame.key, prepared,
                                                              points_per_side=settings.everything_points_per_side)
             if settings.segment_everything:
                 output.instances, output.instance_answers = instances, answers
         if settings.track_objects:
-            start = time.perf_counter()
-            if everything:
-                masks = object_masks([a.mask for a in answers], background_mask(result, settings.track_max_area),
-                                     settings.track_min_area, settings.track_max_area)
-                objects = instances_from_masks(masks[: settings.track_max_tracks], result.dense_features, prepared,
-                                               self.segmenter.encoder.logit_scale, depth)
-            else:
-                objects = extract_instances(result, prepared, self.segmenter.encoder.logit_scale, depth,
-                                            settings.track_min_area, settings.track_max_area,
-                                            max_instances=settings.track_max_tracks)
-            self._track(frame.camera, frame.header, objects, output, prepared, settings)
-            output.tracking_ms = (time.perf_counter() - start) * 1000
+            try:
+                self._objects(frame, output, result, prepared, settings, depth, answers if everything else None)
+            except Exception as exc:  # the frame's labels, overlay and 3D are still published
+                output.tracking_error = f"tracking failed: {exc!r}"
         return output
 
+    def _objects(self, frame: FrameInput, output: FrameOutput, result: SegmentationResult,
+                 prepared: PreparedVocabulary, settings: Settings, depth: PairedDepth | None,
+                 answers: list[PromptAnswer] | None) -> None:
+        """Object instances of the frame (dense regions, or SAM's masks) -> the camera's tracker."""
+        start = time.perf_counter()
+        scale = self.segmenter.encoder.logit_scale
+        if answers is not None:
+            masks = object_masks([a.mask for a in answers], background_mask(result, settings.track_max_area),
+                                 settings.track_min_area, settings.track_max_area)
+            objects = instances_from_masks(masks[: settings.track_max_tracks], result.dense_features, prepared,
+                                           scale, depth)
+        else:
+            objects = extract_instances(result, prepared, scale, depth, settings.track_min_area,
+                                        settings.track_max_area, max_instances=settings.track_max_tracks)
+        self._track(frame.camera, frame.header, objects, output, prepared, settings,
+                    depth.frame_id if depth is not None else "")
+        output.tracking_ms = (time.perf_counter() - start) * 1000
+
     def _track(self, camera: str, header: object, objects: list, output: FrameOutput,
-               prepared: PreparedVocabulary, settings: Settings) -> None:
+               prepared: PreparedVocabulary, settings: Settings, depth_frame_id: str) -> None:
         names = prepared.vocabulary.display_names
         with self._tracker_lock:
             tracker = self.trackers[camera]
@@ -309,7 +334,7 @@ class SegmentationPipeline:
             output.objects = [ObjectView.of(t, names, settings.prompt_top_k) for t in published]
             if output.overlay is not None:  # every object seen now is named, confirmed or not yet
                 draw_object_names(output.overlay, [ObjectView.of(t, names, 1) for t in tracker.tracks if t.visible])
-            self._tracked_header[camera] = header
+            self._tracked_header[camera] = (header, depth_frame_id)
         ids = np.zeros(output.result.labels.shape, np.uint16)
         for view in sorted(output.objects, key=lambda v: -int(v.mask.sum())):  # smaller on top
             ids[view.mask] = view.id
@@ -325,26 +350,34 @@ class SegmentationPipeline:
         if len(query) > self.limits.max_name_length:
             raise ValueError(f"the query has {len(query)} characters; the limit is {self.limits.max_name_length}")
         camera = self.camera_named(camera)
-        if not self.settings.track_objects:
+        settings = self.settings
+        if not settings.track_objects:
             raise ValueError("object tracking is off (track_objects: false)")
-        text = self.segmenter.text_cache.embed((query,), self.vocabulary.templates)[0]
-        names = self.vocabulary.display_names
         with self._tracker_lock:
-            tracks = [t for t in self.trackers[camera].tracks
+            tracker = self.trackers[camera]
+            prepared = tracker.prepared  # the vocabulary the tracks' evidence is over (names and queries agree)
+            tracks = [t for t in tracker.tracks
                       if t.state == "confirmed" and t.visible or include_lost and t.state == "lost"]
-            header = self._tracked_header.get(camera)
-            if tracks and tracks[0].evidence.shape[0] != len(names):  # a new vocabulary, no frame since
-                names = [f"class {i}" for i in range(tracks[0].evidence.shape[0])]
-            views = [ObjectView.of(t, names, self.settings.prompt_top_k) for t in tracks]
-        scores = [float(np.dot(v.embedding, text.numpy())) for v in views]
-        ranking = scores
-        if views:  # rank by how much more the query fits than every vocabulary class (the query as one more class)
-            queries = torch.cat([self._prepared.text_embeddings.float(), text[None].float()])
-            embeddings = torch.from_numpy(np.stack([v.embedding for v in views]))
-            logits = self.segmenter.encoder.logit_scale * embeddings @ queries.T
-            ranking = torch.softmax(logits, dim=-1)[:, -1].tolist()
+            header, depth_frame_id = self._tracked_header.get(camera, (None, ""))
+            views = [ObjectView.of(t, prepared.vocabulary.display_names, settings.prompt_top_k) for t in tracks] \
+                if prepared is not None else []
+        if not views:
+            return FoundObjects(header, [], [], depth_frame_id)
+        text = self.segmenter.text_cache.embed((query,), prepared.vocabulary.templates, persist=False)[0]
+        embeddings = torch.from_numpy(np.stack([v.embedding for v in views]))
+        scores = (embeddings @ text.float()).tolist()
+        # Ranked by how much better the query fits than every vocabulary class (the query as one more class).
+        queries = torch.cat([prepared.text_embeddings.float(), text[None].float()])
+        ranking = torch.softmax(self.segmenter.encoder.logit_scale * embeddings @ queries.T, dim=-1)[:, -1].tolist()
         order = sorted(range(len(views)), key=lambda i: -ranking[i])[: max_results or None]
-        return FoundObjects(header, [views[i] for i in order], [scores[i] for i in order])
+        return FoundObjects(header, [views[i] for i in order], [scores[i] for i in order], depth_frame_id)
+
+    def clear_tracks(self) -> None:
+        """Forget every camera's tracks (tracking paused: deactivation, track_objects off)."""
+        with self._tracker_lock:
+            for camera in self.trackers:
+                self.trackers[camera] = Tracker(self.trackers[camera].config)
+            self._tracked_header.clear()
 
     # ------------------------------------------------------------------ prompts
     def answer_prompts(self, request: PromptRequest) -> PromptOutcome:
@@ -439,8 +472,8 @@ class SegmentationPipeline:
                     self.prompters[camera].cached_keys():
                 frame = self.prompters[camera].frame(request.key)
                 dense, size = frame.clip_dense, frame.image.shape[:2]
-            elif camera in self._latest and request.key in (None, self._latest[camera][0]):
-                _, dense, size = self._latest[camera]
+            elif (latest := self._latest.get(camera)) is not None and request.key in (None, latest[0]):
+                _, dense, size = latest
             else:
                 raise VocabularyError("no frame of camera " + (repr(camera) if camera else "(the first)")
                                       + (" with that stamp" if request.key else " yet") + " to take the example from")
@@ -454,7 +487,27 @@ class SegmentationPipeline:
             mask = np.zeros(size, bool)
             mask[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = True
         embedding = pooled_embeddings(dense, mask[None])[0]
-        return Exemplar(label, tuple(float(v) for v in embedding), self.segmenter.encoder.model_id)
+        return Exemplar(label, tuple(float(v) for v in embedding * self._exemplar_scale(dense, mask, embedding)),
+                        self.segmenter.encoder.model_id)
+
+    def _exemplar_scale(self, dense: torch.Tensor, mask: np.ndarray, embedding: torch.Tensor) -> float:
+        """Image-to-image cosines run far higher than image-to-text ones, so a raw example would win most pixels
+        of any frame. Its query is scaled (the softmax sees the scaled cosine) so that on its own frame it beats
+        the best text query inside its region by EXEMPLAR_MARGIN, but stays below the best text query on 99 % of
+        the cells outside it: the example wins where it is, not everywhere."""
+        weights = pooled_weights(dense, mask).reshape(-1)
+        cells = dense.reshape(-1, dense.shape[-1]).float().cpu()
+        own = cells @ embedding  # (cells,) cosine to the example
+        best_text = (cells @ self._prepared.text_embeddings.float().T).max(dim=1).values
+        inside, outside = weights >= 0.5, weights <= 0.0
+        if not inside.any():
+            inside = weights > 0
+        scale = float((best_text[inside].mean() + EXEMPLAR_MARGIN) / own[inside].mean().clamp(min=1e-6))
+        if outside.sum() >= 10:  # the scale at which 1 % of the other cells would turn into the example
+            ratio = best_text[outside] / own[outside].clamp(min=1e-6)
+            scale = min(scale, float(torch.quantile(ratio[own[outside] > 0], 0.01))) if (own[outside] > 0).any() \
+                else scale
+        return max(0.05, min(1.0, scale))
 
 
 # ---------------------------------------------------------------------- factory

@@ -68,8 +68,9 @@ class TextEmbeddingCache:
         except OSError:
             pass  # the disk cache is an optimisation; never fail a vocabulary change for it
 
-    def embed(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
-        """(len(labels), D) normalised float32 embeddings, in label order."""
+    def embed(self, labels: tuple[str, ...], templates: tuple[str, ...], persist: bool = True) -> torch.Tensor:
+        """(len(labels), D) normalised float32 embeddings, in label order. `persist=False`: new ones stay in the
+        (bounded) memory cache only -- for one-off texts such as find_objects queries."""
         tkey = templates_key(templates)
         with self._lock:
             missing = [lbl for lbl in dict.fromkeys(labels) if (self.model_id, tkey, lbl) not in self._memory]
@@ -82,7 +83,7 @@ class TextEmbeddingCache:
             fresh = self._compute(missing, templates) if missing else {}
             for lbl, emb in fresh.items():
                 self._memory[(self.model_id, tkey, lbl)] = emb
-            if fresh:
+            if fresh and persist:
                 self._save_disk(tkey, fresh)
             out = torch.stack([self._memory[(self.model_id, tkey, lbl)] for lbl in labels])
             for lbl in labels:  # most recently used last; the oldest beyond the bound are dropped

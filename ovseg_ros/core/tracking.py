@@ -99,6 +99,7 @@ class Tracker:
         self.config = config
         self.tracks: list[Track] = []
         self.vocabulary_version = 0  # the vocabulary the tracks' evidence is over
+        self.prepared: PreparedVocabulary | None = None  # that vocabulary (names and text for queries)
         self._next_id = 1
 
     def sync_vocabulary(self, prepared: PreparedVocabulary, logit_scale: float) -> None:
@@ -106,6 +107,7 @@ class Tracker:
         if prepared.version != self.vocabulary_version:
             self.relabel(prepared, logit_scale)
             self.vocabulary_version = prepared.version
+        self.prepared = prepared
 
     def update(self, instances: list[Instance]) -> list[Track]:
         """Associate, update, create, age and prune; returns the tracks to publish (confirmed, seen now)."""

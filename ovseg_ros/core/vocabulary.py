@@ -42,7 +42,7 @@ class Exemplar:
     """An example image of a class, as the CLIP embedding it pools to (meaningful only for `model_id`)."""
 
     label: str  # the class (one of the vocabulary's labels)
-    embedding: tuple[float, ...]  # normalised
+    embedding: tuple[float, ...]  # the pooled CLIP embedding, scaled to compete fairly with text queries
     model_id: str
 
 
@@ -166,12 +166,20 @@ def with_exemplars(vocabulary: Vocabulary, exemplars: list[Exemplar], keep: tupl
     """`vocabulary` with `keep` (earlier examples whose label remains) and new `exemplars`; a new example's label
     that is not a class yet becomes one."""
     labels = list(vocabulary.labels)
-    for exemplar in exemplars:
-        if exemplar.label not in labels:
-            labels.append(exemplar.label)
+    by_key = {split_synonyms(label)[0].lower(): label for label in labels}
+    named = []
+    for exemplar in exemplars:  # "Sofa" or "sofa" is the class "sofa;couch"; a new name becomes a class
+        clean = validate_labels([exemplar.label], limits)[0]
+        names = {name.lower() for name in split_synonyms(clean)}
+        match = next((label for key, label in by_key.items()
+                      if key in names or names & {n.lower() for n in split_synonyms(label)}), None)
+        if match is None:
+            labels.append(clean)
+            by_key[split_synonyms(clean)[0].lower()] = match = clean
+        named.append(Exemplar(match, exemplar.embedding, exemplar.model_id))
     clean_labels = validate_labels(labels, limits)
     kept = [e for e in keep if e.label in clean_labels]
-    total = kept + list(exemplars)
+    total = kept + named
     if len(total) > MAX_EXEMPLARS:
         raise VocabularyError(f"{len(total)} example images exceed the limit of {MAX_EXEMPLARS}")
     return Vocabulary(labels=clean_labels, templates=vocabulary.templates, version=vocabulary.version,

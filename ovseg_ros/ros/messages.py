@@ -239,7 +239,8 @@ def fill_find_response(response: FindObjects.Response, found: FoundObjects) -> N
     response.success = True
     if header is not None:
         response.header = header
-    response.objects = [tracked_object(v, response.header.frame_id, True) for v in found.objects]
+    response.objects = [tracked_object(v, found.depth_frame_id or response.header.frame_id, True)
+                        for v in found.objects]
     response.scores = [float(s) for s in found.scores]
     response.masks = [mono8_to_image(v.mask.astype(np.uint8) * 255, response.header) if v.visible else Image()
                       for v in found.objects]

@@ -132,6 +132,7 @@ class OvsegNode(LifecycleNode):
                 self.destroy_subscription(camera.subscription)
                 camera.subscription = None
         self.scheduler.clear()
+        self.pipeline.clear_tracks()  # objects seen before the pause are not the ones after it
         self.lifecycle_state = "inactive"
         self.get_logger().info("inactive: cameras unsubscribed")
         return super().on_deactivate(state)
@@ -246,6 +247,8 @@ class OvsegNode(LifecycleNode):
                 self._refuse(camera, f"frame failed: {exc!r}", error=True)
                 continue
             camera.stats.on_processed(received[camera.name])
+            if output.tracking_error and self._log_reason.is_new(f"tracking/{camera.name}", output.tracking_error):
+                self.get_logger().error(camera.log_prefix + output.tracking_error)
 
     def _pair(self, camera: CameraIO, msg, rgb):
         """The frame's depth, or None with a (throttled) warning saying why; never an error."""

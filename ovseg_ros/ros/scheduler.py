@@ -85,16 +85,23 @@ class LatestFrameScheduler(Generic[Item]):
             self._slots = dict.fromkeys(self.cameras)
         return batch
 
+    def _pace(self) -> None:
+        """Wait out the rate limit BEFORE taking frames, so the batch is the newest when it starts (and a stop
+        ends the wait at once)."""
+        rate = self._max_rate_hz()
+        if rate <= 0:
+            return
+        due = self._last_started + 1.0 / rate
+        with self._cond:
+            while self._running and (remaining := due - time.monotonic()) > 0:
+                self._cond.wait(timeout=remaining)
+
     def _loop(self) -> None:
         while self._running:
+            self._pace()
             batch = self.take()
             if not batch or not self._running:
                 continue
-            rate = self._max_rate_hz()
-            if rate > 0:
-                wait = self._last_started + 1.0 / rate - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)
             self._last_started = time.monotonic()
             try:
                 self._process(batch)

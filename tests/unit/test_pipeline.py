@@ -225,8 +225,10 @@ def test_an_example_box_becomes_a_class_recognised_on_a_new_frame_and_is_persist
     assert pipeline.vocabulary.labels[-1] == "my thing" and len(pipeline.vocabulary.exemplars) == 1
     output = pipeline.process_batch([FrameInput("", second.image, (2, 0))])[0]
     mask = second.instance_masks[second.instance_classes.index(first.instance_classes[0])]
-    values, counts = np.unique(output.result.labels[mask], return_counts=True)
-    assert pipeline.vocabulary.display_names[values[np.argmax(counts)]] == "my thing"
+    mine = output.result.labels == pipeline.vocabulary.labels.index("my thing")
+    inside, outside = mine[mask].mean(), mine[~mask].mean()
+    print(f"object pixels labelled with the example's class {inside:.3f}, other pixels {outside:.4f}")
+    assert inside > 0.2 and inside > 10 * outside  # it finds the object and does not flood the frame
     restarted = build_pipeline(settings, warm_up=False)  # the example survives a restart
     assert restarted.vocabulary.exemplars == pipeline.vocabulary.exemplars
     assert restarted.prepared.text_embeddings.shape[0] == len(restarted.vocabulary) + 1

@@ -127,3 +127,30 @@ def test_a_vocabulary_change_relabels_from_the_tracks_embeddings():
     by_box = {int(t.box[0]): t for t in tracker.tracks}
     assert by_box[10].label_id == 1 and by_box[80].label_id == 0
     assert by_box[10].evidence.shape == (3,)
+
+
+def test_example_labels_name_existing_classes_as_the_vocabulary_does():
+    from ovseg_ros.core.vocabulary import Exemplar, VocabularyError, with_exemplars
+
+    vocabulary = Vocabulary(("sky", "sofa;couch"))
+    example = (0.0, 1.0)
+    out = with_exemplars(vocabulary, [Exemplar("Couch", example, "m"), Exemplar(" my  mug ; cup ", example, "m")])
+    assert out.labels == ("sky", "sofa;couch", "my  mug;cup")  # a synonym names its class; a new name is added
+    assert [e.label for e in out.exemplars] == ["sofa;couch", "my  mug;cup"]
+    with pytest.raises(VocabularyError):
+        with_exemplars(vocabulary, [Exemplar("", example, "m")])
+
+
+def test_empty_and_background_masks_are_not_objects():
+    from ovseg_ros.core.instances import object_masks
+
+    background = np.zeros(SHAPE, bool)
+    background[:, :40] = True
+    empty = np.zeros(SHAPE, bool)
+    on_background = np.zeros(SHAPE, bool)
+    on_background[10:30, 0:30] = True
+    part, whole = np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)
+    whole[40:80, 60:100] = True
+    part[50:60, 70:80] = True
+    kept = object_masks([empty, on_background, part, whole], background, 0.0, 0.5)
+    assert len(kept) == 1 and kept[0] is whole  # the part inside a larger kept mask is not another object

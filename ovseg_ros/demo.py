@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo_output", help="folder for overlay PNGs and summary.json")
     parser.add_argument("--clip", default="ovseg-demo-clip", help="CLIP model (manifest name or ARCH:/path)")
     parser.add_argument("--rate", type=float, default=2.0, help="camera frames per second")
-    parser.add_argument("--refinement", default="sam", choices=["none", "guided", "sam"],
-                        help="dense refinement (sam: SAM masks from the dense regions, the most accurate)")
+    parser.add_argument("--refinement", default="none", choices=["none", "guided", "sam"],
+                        help="dense refinement (sam: SAM masks from the dense regions)")
+    parser.add_argument("--pamr-steps", type=int, default=10,
+                        help="PAMR iterations (the demo CLIP's best setting: README accuracy figures)")
     parser.add_argument("--cameras", type=int, default=1,
                         help="N > 1: N synthetic cameras (front, rear, ...) served by one node and one model")
     parser.add_argument("--timeout", type=float, default=120.0)
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(ros_environment(domain_id=domain, log_dir=tempfile.mkdtemp(prefix="ovseg-demo-")))
     env = dict(os.environ)
     names = default_camera_names(args.cameras)
-    params = {"preset": "demo", "clip_model": args.clip, "refinement": args.refinement}
+    params = {"preset": "demo", "clip_model": args.clip, "refinement": args.refinement,
+              "pamr_steps": args.pamr_steps}
     if names != [""]:
         params["cameras"] = names
     node = Process(node_command("ovseg_ros.node", "ovseg", params=params), env, out / "ovseg_node.log")

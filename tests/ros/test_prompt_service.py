@@ -103,7 +103,7 @@ def test_point_multipoint_and_box_prompts_meet_the_floors(node):
     # Floors sit well below what `ovseg-bench accuracy` measures (README) so only a regression trips them.
     assert summary["point"] >= 0.70 and summary["multi"] >= 0.70 and summary["box"] >= 0.75, summary
     assert summary["seen"] + summary.get("held_out", 0.0) > 0, summary  # labels are far from random noise...
-    assert np.mean(labels_ok["seen"] + labels_ok["held_out"]) >= 0.15, summary  # ...measured ~0.3 (README)
+    assert np.mean(labels_ok["seen"] + labels_ok["held_out"]) >= 0.55, summary  # ...measured ~0.8 (README)
     assert proc.alive()
 
 

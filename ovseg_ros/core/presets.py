@@ -84,12 +84,10 @@ PRESETS: dict[str, Preset] = {
             {"clip_model": "ovseg-demo-clip", "dense_variant": "plain", "input_size": 0, "window_size": 0,
              "window_stride": 0, "logit_scale": 0.0, "score_threshold": 0.0, "pamr_steps": 0,
              "pamr_dilations": [8, 16], "prompt_templates": ["default"], "synonym_merge": "max",
-             "selection_threshold": 0.3, "selection_patch_top_k": 2, "resize_interpolation": "area"},
+             "selection_threshold": 0.3, "resize_interpolation": "area"},
             {"clip_model": "models/demo/ovseg-demo-clip.md", "dense_variant":
              "demo model card: trained on the plain tokens", "selection_threshold": "README accuracy figures",
              "logit_scale": "the model's own (trained)",
-             "selection_patch_top_k": "README accuracy figures (session 4: every ground-truth class kept on 40/40 "
-             "scenes with 16 of 69 classes; 6 kept 41)",
              "resize_interpolation": "README accuracy figures (area: +0.01 mIoU over bilinear at 224 -> 128)"}),
     )
 }

@@ -40,7 +40,7 @@ def test_windows_tile_like_mmseg():
 
 def test_two_windows_average_their_upsampled_logits(encoder):
     """A 128x192 image, windows 128 wide every 64 px: the merge equals logits computed window by window."""
-    segmenter = segmenter_with(encoder, input_size=128, window_stride=64, synonym_merge="mean")
+    segmenter = segmenter_with(encoder, input_size=128, window_size=128, window_stride=64, synonym_merge="mean")
     image = generate_scene(11, size=(128, 192), split="eval").image
     prepared = segmenter.prepare(Vocabulary(("grass", "sky", "red circle", "blue square")))
     text = prepared.text_embeddings

@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape-weight", type=float, default=0.0,
                         help="weight of the shape loss: the object loss among same-colour classes only (hard "
                              "negatives; the demo CLIP tells colours apart but confuses shapes)")
+    parser.add_argument("--object-negatives", choices=("objects", "all"), default="objects",
+                        help="classes the object loss tells apart: the seen object classes, or all seen classes "
+                             "(stuff included: a box prompt's label is the top-1 over the whole vocabulary)")
     parser.add_argument("--init", help="start from these weights (fine-tuning) instead of random init")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU matrix units)")
     parser.add_argument("--out", default="models/demo/ovseg-demo-clip.safetensors")
@@ -184,9 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         pooled = F.normalize(torch.einsum("bhwk,bhwd->bkd", inst_frac, dense.float()), dim=-1)
         ids = torch.from_numpy(instance_ids[idx])  # (B, K) world ids, -1 = none
         valid = (ids >= 0) & (inst_frac.sum((1, 2)) > 0)
-        object_logits = scale * pooled[valid] @ class_text.float()[object_cols].T
+        all_logits = scale * pooled[valid] @ class_text.float().T  # (N, S) against every seen class
+        object_logits = all_logits[:, object_cols]
         object_target = (to_seen[ids[valid]].unsqueeze(1) == object_cols.unsqueeze(0)).float().argmax(1)
-        loss_object = F.cross_entropy(object_logits, object_target) if valid.any() else torch.zeros(())
+        if not valid.any():
+            loss_object = torch.zeros(())
+        elif args.object_negatives == "all":  # stuff names too: thin objects' pooled patches are mostly stuff
+            loss_object = F.cross_entropy(all_logits, to_seen[ids[valid]])
+        else:
+            loss_object = F.cross_entropy(object_logits, object_target)
         loss_shape = torch.zeros(())
         if args.shape_weight > 0 and valid.any():  # same logits, other colours masked: only shape can tell
             same_colour = object_logits.masked_fill(other_colour[object_target], float("-inf"))
@@ -232,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         pool=args.pool,
         batch=args.batch,
         bf16=args.bf16,
+        init=args.init,
+        lr=args.lr,
+        shape_weight=args.shape_weight,
+        object_negatives=args.object_negatives,
     )
     print(json.dumps(metrics, indent=1), flush=True)
     out.with_suffix(".json").write_text(json.dumps(metrics, indent=1))

@@ -99,11 +99,11 @@ def test_an_example_image_becomes_a_class_over_dds_and_bad_examples_are_refused(
     from ovseg_interfaces.srv import SetVocabulary
 
     proc, client, _ = node
-    scene = render_sequence(5004, frames=1, size=(192, 192), count=1, occluder=False)[0]
+    scene, later = render_sequence(5004, frames=12, size=(192, 192), count=2, occluder=False)[::11]
     header = Header(frame_id="cam")
     header.stamp.sec = 800
     assert client.segment(rgb_to_image(scene.image, header)) is not None
-    ys, xs = np.nonzero(scene.ids)
+    ys, xs = np.nonzero(scene.ids == 1)  # object 2 enters later
     box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
     labels = ["sky", "grass", "water", "sand", "wall"]
     request = SetVocabulary.Request(labels=labels, exemplar_labels=["my thing"], exemplar_boxes=box)
@@ -111,6 +111,14 @@ def test_an_example_image_becomes_a_class_over_dds_and_bad_examples_are_refused(
     assert answer.success, answer.message
     assert "1 example images" in answer.message
     assert client.get_vocabulary().labels[-1] == "my thing"
+    header = Header(frame_id="cam")  # a later frame: the object has moved; the example's class finds it
+    header.stamp.sec = 801
+    assert client.segment(rgb_to_image(later.image, header)) is not None
+    labels_msg = client.wait_for("labels", lambda m: m.header.stamp == header.stamp, 10.0)
+    assert labels_msg is not None
+    mine = image_to_array(labels_msg) == len(labels)
+    assert mine[later.ids == 1].mean() > 0.5 and mine[later.ids == 0].mean() < 0.05, (
+        mine[later.ids == 1].mean(), mine[later.ids == 0].mean())
     crop = scene.image[int(box[1]):int(box[3]), int(box[0]):int(box[2])]
     by_image = SetVocabulary.Request(labels=[*labels, "my thing"], exemplar_labels=["my other thing"],
                                      exemplar_images=[rgb_to_image(np.ascontiguousarray(crop), Header())])

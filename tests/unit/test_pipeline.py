@@ -226,9 +226,11 @@ def test_an_example_box_becomes_a_class_recognised_on_a_new_frame_and_is_persist
     output = pipeline.process_batch([FrameInput("", second.image, (2, 0))])[0]
     mask = second.instance_masks[second.instance_classes.index(first.instance_classes[0])]
     mine = output.result.labels == pipeline.vocabulary.labels.index("my thing")
-    inside, outside = mine[mask].mean(), mine[~mask].mean()
-    print(f"object pixels labelled with the example's class {inside:.3f}, other pixels {outside:.4f}")
-    assert inside > 2 * outside and outside < 0.05  # more on the object than elsewhere, no flood (weak: issue note)
+    objects = np.any(second.instance_masks, axis=0)
+    inside, outside = mine[mask].mean(), mine[~objects].mean()
+    print(f"object pixels labelled with the example's class {inside:.3f}, background pixels {outside:.4f}")
+    assert inside > 0.6 and outside < 0.05  # the object found, the background not flooded (the scene's other
+    # object has no class of its own in this vocabulary, so it may take the example's in part)
     restarted = build_pipeline(settings, warm_up=False)  # the example survives a restart
     assert restarted.vocabulary.exemplars == pipeline.vocabulary.exemplars
     assert restarted.prepared.text_embeddings.shape[0] == len(restarted.vocabulary) + 1

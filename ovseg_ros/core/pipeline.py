@@ -335,7 +335,8 @@ class SegmentationPipeline:
             published = tracker.update(objects[: settings.track_max_tracks])
             output.objects = [ObjectView.of(t, names, settings.prompt_top_k) for t in published]
             if output.overlay is not None:  # every object seen now is named, confirmed or not yet
-                draw_object_names(output.overlay, [ObjectView.of(t, names, 1) for t in tracker.tracks if t.visible])
+                draw_object_names(output.overlay, [(t.id, names[t.label_scores(1)[0][0]], t.box)
+                                                   for t in tracker.tracks if t.visible])
             self._tracked_header[camera] = (header, depth_frame_id)
         ids = np.zeros(output.result.labels.shape, np.uint16)
         for view in sorted(output.objects, key=lambda v: -int(v.mask.sum())):  # smaller on top

@@ -171,3 +171,13 @@ def test_overlay_legend_lists_the_largest_classes_and_counts_the_rest():
 
     assert tuple(with_legend[10, 9]) == tuple(int(c) for c in palette(30)[29])
     assert changed_rows.max() > 60  # it used the height, ending with a "+N more" row
+
+
+def test_object_names_are_written_just_above_each_box():
+    from ovseg_ros.core.overlay import draw_object_names
+
+    image = np.full((200, 300, 3), 90, np.uint8)
+    draw_object_names(image, [(7, "red mug", np.array([150.0, 120.0, 200.0, 170.0]))])
+    rows, cols = np.nonzero((image != 90).any(axis=2))
+    assert rows.max() < 120 and rows.min() > 90  # the text sits above the box's top edge
+    assert cols.min() >= 150  # starting at the box's left edge

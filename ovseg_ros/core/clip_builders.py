@@ -12,6 +12,8 @@ Importing this module has no side effects; ``register_open_clip_configs`` makes 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,7 +75,8 @@ def _open_clip(arch: str, weights: Path | None) -> nn.Module:
 def _conv_stem_clip(arch: str, weights: Path | None) -> nn.Module:
     import open_clip
 
-    model = open_clip.create_model(arch, device="cpu")
+    with _quiet_random_init_warning(weights is not None):  # weights are loaded below, after the stem swap
+        model = open_clip.create_model(arch, device="cpu")
     stages, convs = CONV_STEMS[arch]
     patch = model.visual.patch_size[0]
     stem = ConvStem(model.visual.conv1.out_channels, stages, convs)
@@ -83,6 +86,22 @@ def _conv_stem_clip(arch: str, weights: Path | None) -> nn.Module:
     if weights is not None:
         open_clip.load_checkpoint(model, str(weights), strict=True)
     return model
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning(active: bool):
+    """open_clip warns "Model initialized randomly" when it loads no weights itself; a log that says so about a
+    model whose weights we load next would send a user hunting for a fault that is not there."""
+    def drop(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()
+    if active:
+        root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def builder_for(arch: str) -> Callable[[str, Path | None], nn.Module]:

@@ -47,3 +47,12 @@ def test_weights_load_strictly_into_the_same_architecture_only(tmp_path):
     with pytest.raises(ModelError):  # a plain ViT cannot take a conv-stem checkpoint (nor the reverse)
         load_clip(f"ovseg-demo-vit:{path}")
     assert builder_for("ViT-B-16") is not builder_for("ovseg-demo-convvit-224")
+
+
+def test_loading_weights_logs_no_random_init_warning(caplog):
+    """open_clip warns "initialized randomly" before our loader puts the weights in; the log must not say so."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        load_clip("ovseg-demo-clip")
+    assert "initialized randomly" not in caplog.text

@@ -166,7 +166,10 @@ class Tracker:
         cost = (cfg.iou_weight * (1 - overlap) + cfg.embedding_weight * (1 - similarity)
                 + cfg.label_weight * (1 - same_label))
         allowed = (similarity >= cfg.min_similarity) & ((overlap > 0) | (distance <= reach[:, None]))
-        cost = np.where(allowed, cost, 1e6)
+        # Every pair that may not match costs the same, just above max_cost: otherwise the solver would take a
+        # worse pairing of everything over a good pairing of some (a huge cost forces it to avoid that pair at
+        # any price, e.g. swapping two objects' ids to keep a third unmatched).
+        cost = np.where(allowed, np.minimum(cost, cfg.max_cost + 1e-5), cfg.max_cost + 1e-5)
         rows, cols = linear_sum_assignment(cost)
         matches = [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if cost[r, c] <= cfg.max_cost]
         taken = {c for _, c in matches}

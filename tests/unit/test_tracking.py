@@ -58,6 +58,21 @@ def test_assignment_is_optimal_not_first_come():
         assert sum(cost[r, c] for r, c in matches) == pytest.approx(best, abs=1e-9), trial
 
 
+def test_a_pair_that_may_not_match_does_not_make_two_others_swap():
+    """Track A and its object barely moved (cheap); a new object C beside A looks somewhat like A and like
+    nothing of the lost-looking track B. Matching A-A and leaving C new is right; a solver that avoids a
+    forbidden pair at any price would pair A-C and B-A (both allowed, dearer) and swap the ids."""
+    e1, e2, e3 = (torch.tensor(v) for v in ((1.0, 0, 0, 0, 0, 0, 0, 0), (0.6, 0.8, 0, 0, 0, 0, 0, 0),
+                                            (0.6, -0.8, 0, 0, 0, 0, 0, 0)))
+    tracker = Tracker(TrackerConfig(min_hits=1))
+    a, b = tracker.update([instance(40, 40, e1, one_hot(0)), instance(50, 40, e2, one_hot(0))])
+    tracker.update([instance(40, 40, e1, one_hot(0)), instance(42, 40, e3, one_hot(0))])
+    by_id = {t.id: t for t in tracker.tracks}
+    assert by_id[a.id].visible and np.array_equal(by_id[a.id].box, [40, 40, 52, 52])
+    assert by_id[b.id].state == LOST  # B's only candidate, C, is too unlike it
+    assert len(tracker.tracks) == 3  # C is a new track
+
+
 def test_states_tentative_confirmed_lost_removed():
     tracker = Tracker(TrackerConfig(min_hits=2, max_lost=3))
     obj = instance(10, 10, basis(0), one_hot(0))

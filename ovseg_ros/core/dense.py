@@ -304,7 +304,9 @@ class DenseSegmenter:
                 canvas=(height, width), windows=boxes,
                 global_emb=F.normalize(global_emb[:, b].mean(dim=0, keepdim=True), dim=-1),
                 window_dense=window_dense,
-                grid=window_dense[0] if n == 1 else self._grid(window_dense, boxes, (height, width))))
+                # A copy, not a view: frame caches keep a frame's grid, and a view would keep the whole batch's
+                # features alive (every camera's) in accelerator memory.
+                grid=window_dense[0].clone() if n == 1 else self._grid(window_dense, boxes, (height, width))))
         return frames
 
     def _grid(self, window_dense: torch.Tensor, boxes: list[tuple[int, int, int, int]],

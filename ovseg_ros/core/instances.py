@@ -115,7 +115,10 @@ def instances_from_masks(masks: list[np.ndarray], dense: torch.Tensor, prepared:
                          class_ids: list[int] | None = None) -> list[Instance]:
     """Instances from object masks (the dense map's regions, or SAM's segment-everything masks): embeddings
     pooled from the frame's dense features, class probabilities, boxes and, with depth, 3D places."""
-    masks = [mask for mask in masks if mask.any()]
+    present = [index for index, mask in enumerate(masks) if mask.any()]
+    masks = [masks[i] for i in present]
+    scores = [scores[i] for i in present] if scores else None
+    class_ids = [class_ids[i] for i in present] if class_ids else None
     if not masks:
         return []
     stacked = np.stack(masks)

@@ -66,12 +66,12 @@ def draw_legend(image: np.ndarray, names: list[str], colours: np.ndarray, max_ro
 
 def draw_object_names(image: np.ndarray, objects: list[tuple[int, str, np.ndarray]]) -> None:
     """Each tracked object's "#id label" just above its box (id, label, (4,) x1 y1 x2 y2), in place, so a viewer
-    sees the predicted name next to the object, not only in the legend."""
+    sees the predicted name next to the object, not only in the legend; id 0 (not published yet): the label."""
     scale = max(0.4, min(image.shape[:2]) / 800)
     for track_id, label, box in objects:
         x1, y1 = int(box[0]), int(box[1])
         anchor = (max(2, x1), max(int(14 * scale / 0.4), y1 - 4))
-        text = f"#{track_id} {label}"
+        text = f"#{track_id} {label}" if track_id else label
         cv2.putText(image, text, anchor, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 3, cv2.LINE_AA)
         cv2.putText(image, text, anchor, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)
 

@@ -37,7 +37,7 @@ from .overlay import blend, draw_object_names, draw_prompt_answers
 from .prompt import CachedFrame, Prompt, PromptAnswer, PromptError, PromptSegmenter
 from .settings import Settings, check_consistent, replace_settings
 from .text_cache import TextEmbeddingCache
-from .tracking import Track, Tracker
+from .tracking import CONFIRMED, Track, Tracker
 from .vocabulary import (
     Exemplar,
     Vocabulary,
@@ -51,6 +51,8 @@ from .vocabulary import (
 
 LOG = logging.getLogger("ovseg_ros.pipeline")
 EXEMPLAR_MARGIN = 0.1  # cosine by which an example image beats the best text query inside it (see _exemplar_scale)
+MIN_EXAMPLE_SCALE = 0.05  # an example scaled this far down wins almost nowhere (the reply says so)
+MIN_EXAMPLE_SIDE = 8  # pixels: a smaller image or box holds too little to stand for an object
 EXEMPLAR_CONTEXT = 0.5  # share of the surroundings' pooled feature taken off a box example (see context_subtracted)
 FrameKey = tuple[int, int]  # (sec, nanosec) of the frame's header stamp: how prompts name a cached frame
 REQUESTS = "\0requests"  # the frame cache of images sent with prompt requests (never a camera's name)
@@ -334,8 +336,9 @@ class SegmentationPipeline:
             tracker.sync_vocabulary(prepared, self.segmenter.encoder.logit_scale)
             published = tracker.update(objects[: settings.track_max_tracks])
             output.objects = [ObjectView.of(t, names, settings.prompt_top_k) for t in published]
-            if output.overlay is not None:  # every object seen now is named, confirmed or not yet
-                draw_object_names(output.overlay, [(t.id, names[t.label_scores(1)[0][0]], t.box)
+            if output.overlay is not None:  # every object seen now is named; ids only where `objects` has them
+                draw_object_names(output.overlay, [(t.id if t.state == CONFIRMED else 0,
+                                                    names[t.label_scores(1)[0][0]], t.box)
                                                    for t in tracker.tracks if t.visible])
             self._tracked_header[camera] = (header, depth_frame_id)
         ids = np.zeros(output.result.labels.shape, np.uint16)
@@ -442,7 +445,14 @@ class SegmentationPipeline:
             try:
                 vocabulary = make_vocabulary(labels, templates, previous=current.vocabulary, limits=self.limits)
                 keep = () if clear_exemplars else current.vocabulary.exemplars
-                vocabulary = with_exemplars(vocabulary, [self._exemplar(e) for e in exemplars], keep, self.limits)
+                measured = [self._exemplar(e, index) for index, e in enumerate(exemplars)]
+                if measured:  # each new example is scaled against the queries it will compete with
+                    against = self.segmenter.prepare(with_exemplars(vocabulary, [], keep, self.limits))
+                    scaled = [self._scaled_exemplar(*m, against) for m in measured]
+                    weak = [e.label for e, scale in scaled if scale <= MIN_EXAMPLE_SCALE]
+                    vocabulary = with_exemplars(vocabulary, [e for e, _ in scaled], keep, self.limits)
+                else:
+                    weak, vocabulary = [], with_exemplars(vocabulary, [], keep, self.limits)
                 prepared = self.segmenter.prepare(vocabulary)
             except (VocabularyError, PromptError) as exc:
                 return VocabularyChange(False, str(exc), current.version)
@@ -457,64 +467,77 @@ class SegmentationPipeline:
                                                    "in force is unchanged", current.version)
             self._prepared = prepared
         examples = f", {len(vocabulary.exemplars)} example images" if vocabulary.exemplars else ""
+        if weak:
+            examples += (f" (the example for {', '.join(map(repr, weak))} differs too little from the rest of its "
+                         "frame to win many pixels: a tighter box or a clearer view would help)")
         return VocabularyChange(True, f"vocabulary v{vocabulary.version}: {len(vocabulary)} classes{examples}",
                                 vocabulary.version)
 
-    def _exemplar(self, request: ExemplarRequest) -> Exemplar:
-        """The example's embedding: its image's dense features pooled whole, or the frame's under the box (the
-        same kind of feature every pixel and object is classified with)."""
+    def _exemplar(self, request: ExemplarRequest, index: int) -> tuple[str, torch.Tensor, np.ndarray, torch.Tensor]:
+        """The example's label, the dense features (h, w, D) it came from, its (H, W) region there and its
+        unscaled (D,) feature: its image's dense features pooled whole, or the frame's under the box less its
+        surroundings (the same kind of feature every pixel and object is classified with)."""
         label = request.label.strip()
         if not label:
-            raise VocabularyError("an example image needs a class name")
+            raise VocabularyError(f"exemplar_labels[{index}] is empty: an example image needs a class name")
         if request.image is not None:
+            if min(request.image.shape[:2]) < MIN_EXAMPLE_SIDE:
+                raise VocabularyError(f"exemplar_images[{index}] is {request.image.shape[1]}x"
+                                      f"{request.image.shape[0]} pixels: an example needs at least "
+                                      f"{MIN_EXAMPLE_SIDE}x{MIN_EXAMPLE_SIDE}")
             dense = self.segmenter.frame_features(request.image)
             mask = np.ones(request.image.shape[:2], bool)
+            return label, dense, mask, pooled_embeddings(dense, mask[None])[0]
+        camera = self.camera_named(request.camera)
+        if request.key is not None and camera in self.prompters and request.key in \
+                self.prompters[camera].cached_keys():
+            frame = self.prompters[camera].frame(request.key)
+            dense, size = frame.clip_dense, frame.image.shape[:2]
+        elif (latest := self._latest.get(camera)) is not None and request.key in (None, latest[0]):
+            _, dense, size = latest
         else:
-            camera = self.camera_named(request.camera)
-            if request.key is not None and camera in self.prompters and request.key in \
-                    self.prompters[camera].cached_keys():
-                frame = self.prompters[camera].frame(request.key)
-                dense, size = frame.clip_dense, frame.image.shape[:2]
-            elif (latest := self._latest.get(camera)) is not None and request.key in (None, latest[0]):
-                _, dense, size = latest
-            else:
-                raise VocabularyError("no frame of camera " + (repr(camera) if camera else "(the first)")
-                                      + (" with that stamp" if request.key else " yet") + " to take the example from")
-            box = np.asarray(request.box, dtype=np.float64).reshape(-1)
-            if box.shape != (4,) or not np.isfinite(box).all():
-                raise VocabularyError("an example box needs four finite numbers x1, y1, x2, y2")
-            x1, y1, x2, y2 = box
-            if not (0 <= x1 < x2 <= size[1] and 0 <= y1 < y2 <= size[0]):
-                raise VocabularyError(f"example box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) is empty or leaves the "
-                                      f"{size[1]}x{size[0]} frame")
-            mask = np.zeros(size, bool)
-            mask[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = True
-            return self._scaled_exemplar(label, dense, mask, context_subtracted(dense, mask, box))
-        return self._scaled_exemplar(label, dense, mask, pooled_embeddings(dense, mask[None])[0])
+            raise VocabularyError("no frame of camera " + (repr(camera) if camera else "(the first)")
+                                  + (" with that stamp" if request.key else " yet") + " to take the example from")
+        box = np.asarray(request.box, dtype=np.float64).reshape(-1)
+        if box.shape != (4,) or not np.isfinite(box).all():
+            raise VocabularyError(f"example box {index} needs four finite numbers x1, y1, x2, y2")
+        x1, y1, x2, y2 = box
+        if not (0 <= x1 < x2 <= size[1] and 0 <= y1 < y2 <= size[0]):
+            raise VocabularyError(f"example box {index} ({x1:g}, {y1:g}, {x2:g}, {y2:g}) is empty or leaves the "
+                                  f"{size[1]}x{size[0]} frame")
+        if min(x2 - x1, y2 - y1) < MIN_EXAMPLE_SIDE:
+            raise VocabularyError(f"example box {index} is {x2 - x1:g}x{y2 - y1:g} pixels: an example needs at "
+                                  f"least {MIN_EXAMPLE_SIDE}x{MIN_EXAMPLE_SIDE}")
+        mask = np.zeros(size, bool)
+        mask[int(y1):int(np.ceil(y2)), int(x1):int(np.ceil(x2))] = True
+        return label, dense, mask, context_subtracted(dense, mask, box)
 
-    def _scaled_exemplar(self, label: str, dense: torch.Tensor, mask: np.ndarray, embedding: torch.Tensor
-                         ) -> Exemplar:
-        return Exemplar(label, tuple(float(v) for v in embedding * self._exemplar_scale(dense, mask, embedding)),
-                        self.segmenter.encoder.model_id)
+    def _scaled_exemplar(self, label: str, dense: torch.Tensor, mask: np.ndarray, embedding: torch.Tensor,
+                         against: PreparedVocabulary) -> tuple[Exemplar, float]:
+        scale = self._exemplar_scale(dense, mask, embedding, against.text_embeddings)
+        return Exemplar(label, tuple(float(v) for v in embedding * scale), self.segmenter.encoder.model_id), scale
 
-    def _exemplar_scale(self, dense: torch.Tensor, mask: np.ndarray, embedding: torch.Tensor) -> float:
+    @staticmethod
+    def _exemplar_scale(dense: torch.Tensor, mask: np.ndarray, embedding: torch.Tensor, queries: torch.Tensor
+                        ) -> float:
         """Image-to-image cosines run far higher than image-to-text ones, so a raw example would win most pixels
         of any frame. Its query is scaled (the softmax sees the scaled cosine) as far as its own frame allows:
         the largest scale (at most 1) at which it stays below the best text query on 99 % of the cells outside
         its region. On a new frame the same object's cells are less like the example than its own were, so a
         scale chosen only to win its own region by a margin loses the object elsewhere. An example image with no
-        frame around it gets the smallest scale that beats the text inside it by EXEMPLAR_MARGIN."""
+        frame around it gets the smallest scale that beats the text inside it by EXEMPLAR_MARGIN. `queries`
+        (Q, D) are those it will compete with: the new vocabulary's text and the examples it keeps."""
         weights = pooled_weights(dense, mask).reshape(-1)
         cells = dense.reshape(-1, dense.shape[-1]).float().cpu()
         own = cells @ embedding  # (cells,) cosine to the example
-        best_text = (cells @ self._prepared.text_embeddings.float().T).max(dim=1).values
+        best_text = (cells @ queries.float().T).max(dim=1).values
         outside = (weights <= 0.0) & (own > 0)
         if outside.sum() >= 10:  # the scale at which 1 % of the other cells would turn into the example
             scale = float(torch.quantile(best_text[outside] / own[outside], 0.01))
         else:
             inside = weights >= 0.5 if (weights >= 0.5).any() else weights > 0
             scale = float((best_text[inside].mean() + EXEMPLAR_MARGIN) / own[inside].mean().clamp(min=1e-6))
-        return max(0.05, min(1.0, scale))
+        return max(MIN_EXAMPLE_SCALE, min(1.0, scale))
 
 
 def context_subtracted(dense: torch.Tensor, mask: np.ndarray, box: np.ndarray) -> torch.Tensor:

@@ -163,27 +163,31 @@ def make_vocabulary(
 
 def with_exemplars(vocabulary: Vocabulary, exemplars: list[Exemplar], keep: tuple[Exemplar, ...] = (),
                    limits: VocabularyLimits = VocabularyLimits()) -> Vocabulary:
-    """`vocabulary` with `keep` (earlier examples whose label remains) and new `exemplars`; a new example's label
-    that is not a class yet becomes one."""
+    """`vocabulary` with `keep` (earlier examples, kept when their class remains) and new `exemplars` (a label
+    that is not a class yet becomes one). Both are named by one rule: "Sofa" or "couch" is the class
+    "sofa;couch", so an example survives its class gaining a synonym or changing case."""
     labels = list(vocabulary.labels)
-    by_key = {split_synonyms(label)[0].lower(): label for label in labels}
+
+    def class_of(label: str) -> str | None:
+        names = {name.lower() for name in split_synonyms(label)}
+        return next((known for known in labels if names & {n.lower() for n in split_synonyms(known)}), None)
+
+    kept = [Exemplar(match, e.embedding, e.model_id) for e in keep if (match := class_of(e.label)) is not None]
     named = []
-    for exemplar in exemplars:  # "Sofa" or "sofa" is the class "sofa;couch"; a new name becomes a class
-        clean = validate_labels([exemplar.label], limits)[0]
-        names = {name.lower() for name in split_synonyms(clean)}
-        match = next((label for key, label in by_key.items()
-                      if key in names or names & {n.lower() for n in split_synonyms(label)}), None)
+    for index, exemplar in enumerate(exemplars):
+        try:
+            clean = validate_labels([exemplar.label], limits)[0]
+        except VocabularyError as exc:
+            raise VocabularyError(f"exemplar_labels[{index}]: {exc}") from None
+        match = class_of(clean)
         if match is None:
-            labels.append(clean)
-            by_key[split_synonyms(clean)[0].lower()] = match = clean
+            labels.append(match := clean)
         named.append(Exemplar(match, exemplar.embedding, exemplar.model_id))
-    clean_labels = validate_labels(labels, limits)
-    kept = [e for e in keep if e.label in clean_labels]
     total = kept + named
     if len(total) > MAX_EXEMPLARS:
         raise VocabularyError(f"{len(total)} example images exceed the limit of {MAX_EXEMPLARS}")
-    return Vocabulary(labels=clean_labels, templates=vocabulary.templates, version=vocabulary.version,
-                      exemplars=tuple(total))
+    return Vocabulary(labels=validate_labels(labels, limits), templates=vocabulary.templates,
+                      version=vocabulary.version, exemplars=tuple(total))
 
 
 def save_vocabulary(vocabulary: Vocabulary, path: str) -> None:

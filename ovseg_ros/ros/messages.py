@@ -26,6 +26,7 @@ from ..core.pipeline import (
 from ..core.prompt import MAX_PROMPTS, Prompt, PromptError
 from ..core.vocabulary import MAX_EXEMPLARS, Vocabulary, VocabularyError
 from .image_conversions import (
+    ImageError,
     compressed_to_rgb,
     float_to_image,
     image_to_rgb,
@@ -259,11 +260,18 @@ def exemplar_requests(request: SetVocabulary.Request, max_pixels: int) -> list[E
     if len(labels) > MAX_EXEMPLARS:
         raise VocabularyError(f"{len(labels)} example images exceed the limit of {MAX_EXEMPLARS}")
     if len(request.exemplar_images):
+        if len(request.exemplar_boxes):
+            raise VocabularyError("give exemplar_images or exemplar_boxes, not both")
         if len(request.exemplar_images) != len(labels):
             raise VocabularyError(f"{len(labels)} exemplar_labels but {len(request.exemplar_images)} "
                                   "exemplar_images: give one image per label")
-        return [ExemplarRequest(label, image=image_to_rgb(image, max_pixels))
-                for label, image in zip(labels, request.exemplar_images, strict=True)]
+        examples = []
+        for index, (label, image) in enumerate(zip(labels, request.exemplar_images, strict=True)):
+            try:
+                examples.append(ExemplarRequest(label, image=image_to_rgb(image, max_pixels)))
+            except ImageError as exc:
+                raise ImageError(f"exemplar_images[{index}]: {exc}") from None
+        return examples
     boxes = np.asarray(request.exemplar_boxes, dtype=np.float32)
     if len(boxes) != 4 * len(labels):
         raise VocabularyError(f"{len(labels)} exemplar_labels need {4 * len(labels)} exemplar_boxes numbers "

@@ -112,3 +112,20 @@ def test_image_qos_follows_rep_2003_and_the_reliability_override():
     assert messages.image_qos("sensor_data", 1, "reliable").reliability == ReliabilityPolicy.RELIABLE
     assert messages.image_qos("default", 1, "best_effort").reliability == ReliabilityPolicy.BEST_EFFORT
     assert messages.SERVICE_QOS.depth == 100
+
+
+def test_example_requests_refuse_images_and_boxes_together_and_name_the_bad_image():
+    from ovseg_interfaces.srv import SetVocabulary
+    from ovseg_ros.core.vocabulary import VocabularyError
+    from ovseg_ros.ros.image_conversions import ImageError, rgb_to_image
+    from ovseg_ros.ros.messages import exemplar_requests
+
+    good = rgb_to_image(np.zeros((16, 16, 3), np.uint8), Header())
+    both = SetVocabulary.Request(exemplar_labels=["a"], exemplar_images=[good], exemplar_boxes=[0.0, 0.0, 9.0, 9.0])
+    with pytest.raises(VocabularyError, match="not both"):
+        exemplar_requests(both, 1_000_000)
+    bad = rgb_to_image(np.zeros((16, 16, 3), np.uint8), Header())
+    bad.encoding = "no-such-encoding"
+    with pytest.raises(ImageError, match=r"exemplar_images\[1\]"):
+        exemplar_requests(SetVocabulary.Request(exemplar_labels=["a", "b"], exemplar_images=[good, bad]), 1_000_000)
+    assert len(exemplar_requests(SetVocabulary.Request(exemplar_labels=["a"], exemplar_images=[good]), 10**6)) == 1

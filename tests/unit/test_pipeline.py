@@ -236,12 +236,15 @@ def test_an_example_box_becomes_a_class_recognised_on_a_new_frame_and_is_persist
     assert restarted.prepared.text_embeddings.shape[0] == len(restarted.vocabulary) + 1
     kept = pipeline.set_vocabulary(["sky", "my thing"], [])
     assert kept.success and len(pipeline.vocabulary.exemplars) == 1  # kept for the labels that remain
+    renamed = pipeline.set_vocabulary(["sky", "My Thing;gadget"], [])  # a synonym added, case changed
+    assert renamed.success and [e.label for e in pipeline.vocabulary.exemplars] == ["My Thing;gadget"]
     assert pipeline.set_vocabulary(["sky", "my thing"], [], clear_exemplars=True).success
     assert pipeline.vocabulary.exemplars == ()
 
 
 @pytest.mark.parametrize("box, reason", [
     ([-5, 0, 10, 10], "leaves"), ([10, 10, 5, 20], "empty"), ([0, 0, float("nan"), 4], "finite"),
+    ([10, 10, 13, 40], "at least 8x8"),
 ])
 def test_bad_example_boxes_are_refused_with_the_reason(pipeline, box, reason):
     from ovseg_ros.core.pipeline import ExemplarRequest
@@ -253,3 +256,23 @@ def test_bad_example_boxes_are_refused_with_the_reason(pipeline, box, reason):
     unknown = pipeline.set_vocabulary(list(before.labels), [], [ExemplarRequest("x", box=np.array([0, 0, 4, 4]),
                                                                                 camera="front", key=(1234, 0))])
     assert not unknown.success and "stamp" in unknown.message
+
+
+def test_an_example_is_scaled_against_the_vocabulary_it_joins_not_the_one_before():
+    """The same request on the same frame gives the same example, whatever vocabulary was in force before;
+    an example too small to stand for an object is refused."""
+    from ovseg_ros.core.pipeline import ExemplarRequest
+
+    first, _ = exemplar_scenes()
+    labels = ["grass", "water", "sky", "wall", "sand"]
+    made = []
+    for before in (["sky", "grass"], labels + ["red circle", "blue square"]):
+        pipeline = build_pipeline(make_settings({"sam_model": "", "selection_threshold": 0.0, "vocabulary": before}),
+                                  warm_up=False)
+        pipeline.process_batch([FrameInput("", first.image, (1, 0))])
+        change = pipeline.set_vocabulary(labels, [], [ExemplarRequest("my thing", box=first.boxes[0])])
+        assert change.success, change.message
+        made.append(np.array(pipeline.vocabulary.exemplars[0].embedding))
+    np.testing.assert_allclose(made[0], made[1], atol=1e-6)
+    tiny = pipeline.set_vocabulary(labels, [], [ExemplarRequest("dot", image=np.zeros((4, 30, 3), np.uint8))])
+    assert not tiny.success and "exemplar_images[0]" in tiny.message and "at least 8x8" in tiny.message

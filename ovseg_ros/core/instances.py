@@ -1,10 +1,11 @@
 """Object instances of one frame, from its dense label map: what the tracker associates frame to frame.
 
 Regions of a class larger than `max_area_fraction` of the frame are background (floor, sky, walls: left to the
-label map), as are unlabelled pixels; every connected region of what remains (above a minimum area) is an object
-instance, whatever mix of classes the dense map gave its pixels -- so an object whose pixels are split between
-two similar classes stays one object (objects that touch merge; SAM refinement or segment-everything separate
-them better). Each instance gets its mask and box, the CLIP embedding pooled under its mask from the frame's one
+label map), as are unlabelled pixels. Each connected region of what remains (above a minimum area) is split into
+its connected runs of one class that hold at least MIN_PART_SHARE of it, the other pixels (specks of other
+labels at a rim) joining the nearest run: touching objects of different classes become separate instances, and
+an object with a few stray labels stays one (touching objects of the SAME class stay merged; segment-everything
+separates them). Each instance gets its mask and box, the CLIP embedding pooled under its mask from the frame's one
 dense pass (no second tower pass), its class probabilities from that embedding, and with depth its 3D place.
 """
 
@@ -16,10 +17,13 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.ndimage import distance_transform_edt
 
 from .dense import PreparedVocabulary, SegmentationResult
 from .geometry import PairedDepth, region_centroid
 from .vocabulary import UNLABELLED
+
+MIN_PART_SHARE = 0.05  # a class's run inside a region is an object of its own from this share of the region
 
 
 @dataclass
@@ -64,12 +68,20 @@ def extract_instances(result: SegmentationResult, prepared: PreparedVocabulary, 
     background = background_mask(result, max_area_fraction)
     count, components, stats, _ = cv2.connectedComponentsWithStats((~background).astype(np.uint8), 8)
     found: list[tuple[np.ndarray, np.ndarray, int]] = []
+    min_area = min_area_fraction * total
     for index in range(1, count):
         x, y, w, h, area = stats[index]
-        if area >= min_area_fraction * total:
-            mask = components == index
+        if area < min_area:
+            continue
+        window = (slice(y, y + h), slice(x, x + w))
+        region = components[window] == index
+        for part in split_region(region, labels[window], max(min_area, MIN_PART_SHARE * area)):
+            mask = np.zeros(labels.shape, bool)
+            mask[window] = part
             classes, counts = np.unique(labels[mask], return_counts=True)
-            found.append((mask, np.array([x, y, x + w, y + h], np.float32), int(classes[np.argmax(counts)])))
+            ys, xs = np.nonzero(part.any(axis=1))[0], np.nonzero(part.any(axis=0))[0]
+            box = np.array([x + xs[0], y + ys[0], x + xs[-1] + 1, y + ys[-1] + 1], np.float32)
+            found.append((mask, box, int(classes[np.argmax(counts)])))
     found.sort(key=lambda item: -int(item[0].sum()))
     found = found[:max_instances]
     if not found or result.dense_features is None:
@@ -78,6 +90,26 @@ def extract_instances(result: SegmentationResult, prepared: PreparedVocabulary, 
     return instances_from_masks(masks, result.dense_features, prepared, logit_scale, depth,
                                 scores=[float(result.confidence[mask].mean()) for mask in masks],
                                 class_ids=[class_id for _, _, class_id in found])
+
+
+def split_region(region: np.ndarray, labels: np.ndarray, min_part: float) -> list[np.ndarray]:
+    """One connected foreground region -> its objects. Touching objects of different classes form one region;
+    each connected run of one class at least `min_part` pixels large is an object, and the region's other pixels
+    (small patches of other labels, typical at an object's rim) join the nearest of them. A region with fewer
+    than two such runs stays whole."""
+    parts = []
+    for class_id in np.unique(labels[region]):
+        runs = (region & (labels == class_id)).astype(np.uint8)
+        count, components, stats, _ = cv2.connectedComponentsWithStats(runs, 8)
+        parts += [components == i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_part]
+    if len(parts) < 2:
+        return [region]
+    owner = np.zeros(region.shape, np.int32)
+    for number, part in enumerate(parts, start=1):
+        owner[part] = number
+    nearest = distance_transform_edt(owner == 0, return_distances=False, return_indices=True)
+    owner = owner[nearest[0], nearest[1]]
+    return [region & (owner == number) for number in range(1, len(parts) + 1)]
 
 
 def background_mask(result: SegmentationResult, max_area_fraction: float) -> np.ndarray:

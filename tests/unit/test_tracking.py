@@ -169,3 +169,19 @@ def test_empty_and_background_masks_are_not_objects():
     part[50:60, 70:80] = True
     kept = object_masks([empty, on_background, part, whole], background, 0.0, 0.5)
     assert len(kept) == 1 and kept[0] is whole  # the part inside a larger kept mask is not another object
+
+
+def test_touching_objects_of_different_classes_are_two_instances_and_rim_specks_stay_with_theirs():
+    from ovseg_ros.core.instances import split_region
+
+    labels = np.zeros((40, 60), np.uint16)
+    labels[10:30, 10:30] = 1  # an object of class 1 ...
+    labels[10:30, 30:50] = 2  # ... touching one of class 2
+    labels[10:12, 22:25] = 3  # a speck of a third label on the first object's rim
+    region = np.zeros(labels.shape, bool)
+    region[10:30, 10:50] = True
+    parts = split_region(region, labels, min_part=20)
+    assert len(parts) == 2 and sum(int(p.sum()) for p in parts) == int(region.sum())
+    first = next(p for p in parts if p[20, 15])
+    assert first[10:30, 10:30].all() and not first[:, 30:].any()  # the speck joined the object it sits on
+    assert split_region(region & (labels != 2), labels, min_part=20)[0].sum() == 400  # one run: stays whole

@@ -20,8 +20,9 @@ def test_demo_runs_and_segments_for_real(tmp_path):
     assert summary["frames"] == 4 and summary["classes"] == 69
     assert [row["frame"] for row in summary["rows"]] == [0, 1, 2, 3]
     assert all((out / f"frame_{i:02d}.png").is_file() for i in range(4))
-    # Measured 0.45 mean per-frame mIoU and 0.91 pixel accuracy on 8 frames (README): a floor, not a target.
-    assert summary["mean_frame_miou"] >= 0.25 and summary["pixel_accuracy"] >= 0.8, summary
+    # Measured 0.914 mean per-frame mIoU and 0.924 pixel accuracy on 8 frames (README, session 5); the first 4
+    # frames score 0.92 per frame: a floor, not a target.
+    assert summary["mean_frame_miou"] >= 0.6 and summary["pixel_accuracy"] >= 0.8, summary
     assert "set_vocabulary: success=True" in proc.stdout
 
 

@@ -446,14 +446,16 @@ class SegmentationPipeline:
                 vocabulary = make_vocabulary(labels, templates, previous=current.vocabulary, limits=self.limits)
                 keep = () if clear_exemplars else current.vocabulary.exemplars
                 measured = [self._exemplar(e, index) for index, e in enumerate(exemplars)]
+                base = with_exemplars(vocabulary, [], keep, self.limits)
+                prepared = self.segmenter.prepare(base)
+                weak = []
                 if measured:  # each new example is scaled against the queries it will compete with
-                    against = self.segmenter.prepare(with_exemplars(vocabulary, [], keep, self.limits))
-                    scaled = [self._scaled_exemplar(*m, against) for m in measured]
+                    scaled = [self._scaled_exemplar(*m, prepared) for m in measured]
                     weak = [e.label for e, scale in scaled if scale <= MIN_EXAMPLE_SCALE]
                     vocabulary = with_exemplars(vocabulary, [e for e, _ in scaled], keep, self.limits)
+                    prepared = self.segmenter.prepare(vocabulary)
                 else:
-                    weak, vocabulary = [], with_exemplars(vocabulary, [], keep, self.limits)
-                prepared = self.segmenter.prepare(vocabulary)
+                    vocabulary = base
             except (VocabularyError, PromptError) as exc:
                 return VocabularyChange(False, str(exc), current.version)
             except Exception as exc:  # text encoding failure must not take the node down

@@ -39,11 +39,27 @@ class TrackerConfig:
     embedding_momentum: float = 0.8  # the track's mean embedding follows slowly
 
 
+@dataclass(frozen=True)
+class PackedMask:
+    """An (H, W) bool mask at 1 bit per pixel: a full-frame bool mask per track (300 KB at 640x480) times
+    `max_tracks` would be tens of MB held between frames."""
+
+    bits: np.ndarray  # np.packbits of the flattened mask
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> PackedMask:
+        return cls(np.packbits(mask.reshape(-1)), (int(mask.shape[0]), int(mask.shape[1])))
+
+    def unpack(self) -> np.ndarray:
+        return np.unpackbits(self.bits, count=self.shape[0] * self.shape[1]).reshape(self.shape).view(bool)
+
+
 @dataclass
 class Track:
     id: int
     box: np.ndarray  # (4,) last box (pixels)
-    mask: np.ndarray  # (H, W) bool, last mask
+    packed_mask: PackedMask  # the last mask, 1 bit per pixel (up to max_tracks of them are kept)
     embedding: torch.Tensor  # (D,) normalised running mean
     evidence: torch.Tensor  # (C,) decayed sum of class probabilities
     velocity: np.ndarray = field(default_factory=lambda: np.zeros(2, np.float32))  # box centre px / frame
@@ -60,6 +76,15 @@ class Track:
     def __post_init__(self) -> None:
         if self.label_id < 0:
             self.label_id = int(self.evidence.argmax())
+
+    @property
+    def mask(self) -> np.ndarray:
+        """(H, W) bool, the last mask."""
+        return self.packed_mask.unpack()
+
+    @mask.setter
+    def mask(self, mask: np.ndarray) -> None:
+        self.packed_mask = PackedMask.of(mask)
 
     def update_label(self, margin: float) -> None:
         best = int(self.evidence.argmax())
@@ -196,7 +221,8 @@ class Tracker:
             track.state = CONFIRMED
 
     def _start(self, instance: Instance) -> Track:
-        track = Track(id=self._next_id, box=instance.box, mask=instance.mask, embedding=instance.embedding,
+        track = Track(id=self._next_id, box=instance.box, packed_mask=PackedMask.of(instance.mask),
+                      embedding=instance.embedding,
                       evidence=instance.probabilities.clone(), score=float(instance.probabilities.max()),
                       centroid=instance.centroid, extent=instance.extent)
         if self.config.min_hits <= 1:

@@ -185,3 +185,15 @@ def test_touching_objects_of_different_classes_are_two_instances_and_rim_specks_
     first = next(p for p in parts if p[20, 15])
     assert first[10:30, 10:30].all() and not first[:, 30:].any()  # the speck joined the object it sits on
     assert split_region(region & (labels != 2), labels, min_part=20)[0].sum() == 400  # one run: stays whole
+
+
+def test_tracks_keep_their_masks_at_one_bit_per_pixel():
+    from ovseg_ros.core.tracking import PackedMask
+
+    mask = np.random.default_rng(0).random((37, 53)) > 0.5  # sizes that are not multiples of 8
+    packed = PackedMask.of(mask)
+    assert np.array_equal(packed.unpack(), mask) and packed.unpack().dtype == bool
+    assert packed.bits.nbytes == (37 * 53 + 7) // 8
+    tracker = Tracker(TrackerConfig(min_hits=1))
+    track = tracker.update([instance(10, 10, basis(0), one_hot(0))])[0]
+    assert track.mask[10:22, 10:22].all() and track.mask.sum() == 144

@@ -78,7 +78,7 @@ def extract_instances(result: SegmentationResult, prepared: PreparedVocabulary, 
         for part in split_region(region, labels[window], max(min_area, MIN_PART_SHARE * area)):
             mask = np.zeros(labels.shape, bool)
             mask[window] = part
-            classes, counts = np.unique(labels[mask], return_counts=True)
+            classes, counts = np.unique(labels[window][part], return_counts=True)
             ys, xs = np.nonzero(part.any(axis=1))[0], np.nonzero(part.any(axis=0))[0]
             box = np.array([x + xs[0], y + ys[0], x + xs[-1] + 1, y + ys[-1] + 1], np.float32)
             found.append((mask, box, int(classes[np.argmax(counts)])))

@@ -337,8 +337,7 @@ class SegmentationPipeline:
             published = tracker.update(objects[: settings.track_max_tracks])
             output.objects = [ObjectView.of(t, names, settings.prompt_top_k) for t in published]
             if output.overlay is not None:  # every object seen now is named; ids only where `objects` has them
-                draw_object_names(output.overlay, [(t.id if t.state == CONFIRMED else 0,
-                                                    names[t.label_scores(1)[0][0]], t.box)
+                draw_object_names(output.overlay, [(t.id if t.state == CONFIRMED else 0, names[t.label_id], t.box)
                                                    for t in tracker.tracks if t.visible])
             self._tracked_header[camera] = (header, depth_frame_id)
         ids = np.zeros(output.result.labels.shape, np.uint16)
@@ -553,10 +552,10 @@ def context_subtracted(dense: torch.Tensor, mask: np.ndarray, box: np.ndarray) -
     top, left = max(0, int(y1 - half_h)), max(0, int(x1 - half_w))
     around[top:int(np.ceil(y2 + half_h)), left:int(np.ceil(x2 + half_w))] = True
     around &= ~mask
-    inside = pooled_embeddings(dense, mask[None])[0]
     if not around.any():  # the box is the whole frame
-        return inside
-    return F.normalize(inside - EXEMPLAR_CONTEXT * pooled_embeddings(dense, around[None])[0], dim=0)
+        return pooled_embeddings(dense, mask[None])[0]
+    inside, context = pooled_embeddings(dense, np.stack([mask, around]))
+    return F.normalize(inside - EXEMPLAR_CONTEXT * context, dim=0)
 
 
 # ---------------------------------------------------------------------- factory

@@ -9,6 +9,22 @@ from ovseg_ros.bench.soak import run_flood
 
 pytestmark = pytest.mark.slow  # minute-long multi-process runs; -m "not slow" skips them
 
+MAX_LATE_GROWTH_MB = 40
+
+
+def late_growth(report, seconds: float) -> float:
+    """How far RSS rose in the second half of the flood above the highest it reached in the first half (after
+    5 s of warm-up). glibc's arenas and torch's caches step up by tens of MB at unpredictable moments and then
+    stay (a 3-minute soak here plateaus by 45 s), so a first-to-last difference flags those steps; a leak keeps
+    climbing through the second half."""
+    first = [s["rss_mb"] for s in report.samples if 5 <= s["t_s"] <= seconds / 2]
+    second = [s["rss_mb"] for s in report.samples if s["t_s"] > seconds / 2] + [report.final["rss_mb"]]
+    return max(second) - max(first)
+
+
+def rss_curve(report) -> list[tuple[float, float]]:
+    return [(s["t_s"], s["rss_mb"]) for s in report.samples] + [("final", report.final["rss_mb"])]
+
 
 def test_flood_for_a_minute(tmp_path, make_client):
     proc = start_node(tmp_path, name="ovseg_flood", namespace="flood")
@@ -18,9 +34,8 @@ def test_flood_for_a_minute(tmp_path, make_client):
         report = run_flood(proc, client, seconds=60, rate=30, sample_every=5)
         assert proc.alive(), proc.output()[-3000:]
         print("flood samples:", report.samples, "final:", report.final)
-        baseline = report.samples[1]["rss_mb"]  # after 10 s: allocator pools and caches are warm
-        growth = report.final["rss_mb"] - baseline
-        assert growth < 50, f"RSS grew {growth:.1f} MB: {report.samples}"
+        growth = late_growth(report, 60)
+        assert growth < MAX_LATE_GROWTH_MB, f"RSS grew {growth:.1f} MB: {rss_curve(report)}"
         final = report.final
         received, processed = int(final["frames_received"]), int(final["frames_processed"])
         dropped, rejected = int(final["frames_dropped"]), int(final["frames_rejected"])
@@ -46,8 +61,8 @@ def test_three_cameras_flooding_one_node_are_served_fairly(tmp_path, make_client
         report = run_flood(proc, clients, seconds=30, rate=15, sample_every=5)
         assert proc.alive(), proc.output()[-3000:]
         print("flood samples:", report.samples, "final:", report.final)
-        growth = report.final["rss_mb"] - report.samples[1]["rss_mb"]
-        assert growth < 50, f"RSS grew {growth:.1f} MB: {report.samples}"
+        growth = late_growth(report, 30)
+        assert growth < MAX_LATE_GROWTH_MB, f"RSS grew {growth:.1f} MB: {rss_curve(report)}"
         assert report.published >= 3 * 15 * 30 * 0.9, report.published
         per_camera = report.final["cameras"]
         assert set(per_camera) == set(cameras)

@@ -171,17 +171,21 @@ def score_sequence(pipeline, seed: int, frames: int, size: tuple[int, int], hidd
     return score
 
 
-def tracker_time_at(count: int, runs: int = 50, dim: int = 128, classes: int = 69) -> float:
-    """Median ms of one Tracker.update with `count` instances and `count` live tracks (synthetic instances)."""
+def tracker_time_at(count: int, runs: int = 50, dim: int = 128, classes: int = 69,
+                    size: tuple[int, int] = (480, 640)) -> float:
+    """Median ms of one Tracker.update with `count` instances and `count` live tracks: 40x40 px objects moving
+    on a 640x480 frame (a robot camera's), synthetic embeddings."""
     rng = np.random.default_rng(0)
     tracker = Tracker()
-    mask = np.zeros((240, 320), bool)
+    height, width = size
     times = []
     for step in range(runs + 2):
         instances = []
         for i in range(count):
-            x, y = 15 * i % 300, 11 * i % 220
-            box = np.array([x, y, x + 12, y + 12], np.float32) + step
+            x, y = (45 * i + step) % (width - 40), (37 * i + step) % (height - 40)
+            mask = np.zeros(size, bool)
+            mask[y:y + 40, x:x + 40] = True
+            box = np.array([x, y, x + 40, y + 40], np.float32)
             embedding = torch.nn.functional.normalize(torch.from_numpy(rng.normal(size=dim)).float() + i, dim=0)
             instances.append(Instance(mask, box, i % classes, 0.9, embedding, torch.full((classes,), 1 / classes)))
         start = time.perf_counter()

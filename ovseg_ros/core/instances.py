@@ -39,7 +39,7 @@ class Instance:
 
     @property
     def area(self) -> int:
-        return int(self.mask.sum())
+        return int(np.count_nonzero(self.mask))
 
 
 def pooled_weights(dense: torch.Tensor, mask: np.ndarray) -> torch.Tensor:
@@ -60,15 +60,31 @@ def pooled_embeddings(dense: torch.Tensor, masks: np.ndarray) -> torch.Tensor:
 
 def extract_instances(result: SegmentationResult, prepared: PreparedVocabulary, logit_scale: float,
                       depth: PairedDepth | None = None, min_area_fraction: float = 0.002,
-                      max_area_fraction: float = 0.25, max_instances: int = 64) -> list[Instance]:
+                      max_area_fraction: float = 0.25, max_instances: int = 64,
+                      known: list[tuple[np.ndarray, np.ndarray, int]] = (),
+                      background_classes: frozenset[int] = frozenset()) -> list[Instance]:
     """Object instances of one frame, largest first (at most `max_instances`); `class_id` is the dense map's
-    majority class under the mask."""
-    labels = result.labels
-    total = labels.size
-    background = background_mask(result, max_area_fraction)
+    majority class under the mask. `background_classes` are never objects (see `background_mask`); `known`:
+    (box, crop, class) of where objects tracked until now should be (see `separate_known`)."""
+    regions = region_masks(result.labels, background_mask(result, max_area_fraction, background_classes),
+                           min_area_fraction * result.labels.size)
+    if known:
+        regions = separate_known(regions, result.labels, known, min_area_fraction * result.labels.size)
+    regions.sort(key=lambda mask: -int(np.count_nonzero(mask)))
+    masks = regions[:max_instances]
+    if not masks or result.dense_features is None:
+        return []
+    class_ids = [majority_class(result.labels, mask) for mask in masks]
+    return instances_from_masks(masks, result.dense_features, prepared, logit_scale, depth,
+                                scores=[float(result.confidence[mask].mean()) for mask in masks],
+                                class_ids=class_ids)
+
+
+def region_masks(labels: np.ndarray, background: np.ndarray, min_area: float) -> list[np.ndarray]:
+    """(H, W) labels and background -> (H, W) bool masks of the foreground's objects: each connected region of
+    at least `min_area` pixels, split by class (`split_region`)."""
     count, components, stats, _ = cv2.connectedComponentsWithStats((~background).astype(np.uint8), 8)
-    found: list[tuple[np.ndarray, np.ndarray, int]] = []
-    min_area = min_area_fraction * total
+    masks = []
     for index in range(1, count):
         x, y, w, h, area = stats[index]
         if area < min_area:
@@ -78,18 +94,71 @@ def extract_instances(result: SegmentationResult, prepared: PreparedVocabulary, 
         for part in split_region(region, labels[window], max(min_area, MIN_PART_SHARE * area)):
             mask = np.zeros(labels.shape, bool)
             mask[window] = part
-            classes, counts = np.unique(labels[window][part], return_counts=True)
-            ys, xs = np.nonzero(part.any(axis=1))[0], np.nonzero(part.any(axis=0))[0]
-            box = np.array([x + xs[0], y + ys[0], x + xs[-1] + 1, y + ys[-1] + 1], np.float32)
-            found.append((mask, box, int(classes[np.argmax(counts)])))
-    found.sort(key=lambda item: -int(item[0].sum()))
-    found = found[:max_instances]
-    if not found or result.dense_features is None:
-        return []
-    masks = [mask for mask, _, _ in found]
-    return instances_from_masks(masks, result.dense_features, prepared, logit_scale, depth,
-                                scores=[float(result.confidence[mask].mean()) for mask in masks],
-                                class_ids=[class_id for _, _, class_id in found])
+            masks.append(mask)
+    return masks
+
+
+def majority_class(labels: np.ndarray, mask: np.ndarray) -> int:
+    classes, counts = np.unique(labels[mask], return_counts=True)
+    return int(classes[np.argmax(counts)])
+
+
+def separate_known(regions: list[np.ndarray], labels: np.ndarray, known: list[tuple[np.ndarray, np.ndarray, int]],
+                   min_area: float, min_share: float = 0.5) -> list[np.ndarray]:
+    """Regions that hold two or more known objects -> one region per object. `known`: (box (4,) int, crop
+    (y2 - y1, x2 - x1) bool, class) of where each tracked object should be now (its last mask moved by its
+    velocity; the box may reach past the frame) and its label. Two objects of one class that touch, or that the
+    dense map labels alike while they pass each other, form one region that `split_region` cannot separate. When
+    at least `min_share` of each of two or more known objects lies in the region (and at least `min_area`
+    pixels), its pixels go to the nearest of them, provided the labels agree: no part may be labelled as another
+    of those objects and not as its own (that part is the other object covering where this one was: an occluder,
+    not two objects). Objects first seen touching stay merged."""
+    separated = []
+    for region in regions:
+        x1, y1, x2, y2 = mask_box(region).astype(int)
+        inside = region[y1:y2, x1:x2]
+        seeds, classes = [], []
+        for box, crop, class_id in known:
+            ix1, iy1, ix2, iy2 = max(box[0], x1), max(box[1], y1), min(box[2], x2), min(box[3], y2)
+            if ix1 >= ix2 or iy1 >= iy2:
+                continue
+            seed = np.zeros(inside.shape, bool)
+            seed[iy1 - y1:iy2 - y1, ix1 - x1:ix2 - x1] = crop[iy1 - box[1]:iy2 - box[1], ix1 - box[0]:ix2 - box[0]]
+            seed &= inside
+            area = int(np.count_nonzero(seed))
+            if area >= min_area and area >= min_share * int(np.count_nonzero(crop)):
+                seeds.append(seed)
+                classes.append(class_id)
+        parts = nearest_parts(inside, seeds) if len(seeds) >= 2 else []
+        for part, class_id in zip(parts, classes if parts else [], strict=True):
+            majority = majority_class(labels[y1:y2, x1:x2], part)
+            if majority != class_id and majority in classes:
+                parts = []
+                break
+        if not parts:
+            separated.append(region)
+            continue
+        for part in parts:
+            mask = np.zeros(region.shape, bool)
+            mask[y1:y2, x1:x2] = part
+            separated.append(mask)
+    return separated
+
+
+def nearest_parts(region: np.ndarray, seeds: list[np.ndarray]) -> list[np.ndarray]:
+    """A region's pixels, each given to the nearest seed (a pixel in two seeds goes to the first)."""
+    owner = np.zeros(region.shape, np.int32)
+    for number, seed in enumerate(seeds, start=1):
+        owner[seed & (owner == 0)] = number
+    nearest = distance_transform_edt(owner == 0, return_distances=False, return_indices=True)
+    owner = owner[nearest[0], nearest[1]]
+    return [region & (owner == number) for number in range(1, len(seeds) + 1)]
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool, not empty -> (4,) float32 x1, y1, x2, y2 (pixels, exclusive right/bottom)."""
+    ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    return np.array([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], np.float32)
 
 
 def split_region(region: np.ndarray, labels: np.ndarray, min_part: float) -> list[np.ndarray]:
@@ -112,12 +181,17 @@ def split_region(region: np.ndarray, labels: np.ndarray, min_part: float) -> lis
     return [region & (owner == number) for number in range(1, len(parts) + 1)]
 
 
-def background_mask(result: SegmentationResult, max_area_fraction: float) -> np.ndarray:
-    """(H, W) bool: unlabelled pixels and every region of a class larger than `max_area_fraction` of the frame
-    (floor, sky, walls: what objects stand on or in front of)."""
+def background_mask(result: SegmentationResult, max_area_fraction: float,
+                    background_classes: frozenset[int] = frozenset()) -> np.ndarray:
+    """(H, W) bool: unlabelled pixels, the pixels of `background_classes` (floor, sky, walls: what objects stand
+    on or in front of, named by the user) and every region of another class larger than `max_area_fraction` of
+    the frame (what was not named so)."""
     labels = result.labels
     background = labels == UNLABELLED
     for class_id in result.class_ids:
+        if int(class_id) in background_classes:
+            background |= labels == class_id
+            continue
         count, components, stats, _ = cv2.connectedComponentsWithStats((labels == class_id).astype(np.uint8), 8)
         for index in np.nonzero(stats[1:, cv2.CC_STAT_AREA] > max_area_fraction * labels.size)[0]:
             background |= components == index + 1
@@ -158,8 +232,7 @@ def instances_from_masks(masks: list[np.ndarray], dense: torch.Tensor, prepared:
     probabilities = prepared.class_probabilities(embeddings, logit_scale)
     instances = []
     for index, (mask, embedding, probs) in enumerate(zip(masks, embeddings, probabilities, strict=True)):
-        ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        box = np.array([xs[0], ys[0], xs[-1] + 1, ys[-1] + 1], np.float32)
+        box = mask_box(mask)
         place = region_centroid(mask, depth.depth_m, depth.intrinsics) if depth is not None else None
         instances.append(Instance(
             mask=mask, box=box, class_id=class_ids[index] if class_ids else int(probs.argmax()),

@@ -43,6 +43,7 @@ from .vocabulary import (
     Vocabulary,
     VocabularyError,
     VocabularyLimits,
+    classes_named,
     load_vocabulary,
     make_vocabulary,
     save_vocabulary,
@@ -313,14 +314,19 @@ class SegmentationPipeline:
         """Object instances of the frame (dense regions, or SAM's masks) -> the camera's tracker."""
         start = time.perf_counter()
         scale = self.segmenter.encoder.logit_scale
+        background_classes = classes_named(prepared.vocabulary, settings.track_background)
         if answers is not None:
-            masks = object_masks([a.mask for a in answers], background_mask(result, settings.track_max_area),
+            masks = object_masks([a.mask for a in answers],
+                                 background_mask(result, settings.track_max_area, background_classes),
                                  settings.track_min_area, settings.track_max_area)
             objects = instances_from_masks(masks[: settings.track_max_tracks], result.dense_features, prepared,
                                            scale, depth)
         else:
+            with self._tracker_lock:
+                known = self.trackers[frame.camera].expected_masks()
             objects = extract_instances(result, prepared, scale, depth, settings.track_min_area,
-                                        settings.track_max_area, max_instances=settings.track_max_tracks)
+                                        settings.track_max_area, max_instances=settings.track_max_tracks,
+                                        known=known, background_classes=background_classes)
         self._track(frame.camera, frame.header, objects, output, prepared, settings,
                     depth.frame_id if depth is not None else "")
         output.tracking_ms = (time.perf_counter() - start) * 1000

@@ -17,6 +17,7 @@ from .dense import REFINEMENTS, RESIZES, SYNONYM_MERGES, DenseConfig
 from .presets import DEFAULT_PRESET, PRESETS, get_preset
 from .vocabulary import DEFAULT_TEMPLATES
 
+DEFAULT_TRACK_BACKGROUND = ("floor", "ground", "wall", "ceiling", "sky", "road", "grass", "sand", "water")
 DEFAULT_VOCABULARY = ("grass", "water", "sky", "wall", "sand", "red circle", "blue square", "yellow triangle")
 
 
@@ -137,6 +138,10 @@ SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("track_min_area", 0.002, "smallest region tracked, as a fraction of the frame", low=0.0, high=1.0),
     ParamSpec("track_max_area", 0.25, "largest region tracked, as a fraction of the frame (larger regions are "
               "floor, sky, walls: left to the label map)", low=0.0, high=1.0),
+    ParamSpec("track_background", list(DEFAULT_TRACK_BACKGROUND), "classes never tracked as objects, whatever "
+              "their size (what objects stand on or in front of): names matched against every synonym of the "
+              "vocabulary's classes, case-insensitive; a string array or one comma-separated string",
+              dynamic_typing=True),
     ParamSpec("objects_embeddings", False, "include each object's CLIP embedding in `objects`"),
     ParamSpec("use_depth", False, "pair an aligned depth image (`depth/image`, 16UC1 mm or 32FC1 m) and "
               "`depth/camera_info` with each frame: labels_cloud, labels_markers, 3D prompt answers",
@@ -248,7 +253,7 @@ def add_setting_options(parser: argparse.ArgumentParser, exclude_choices: set[st
         spec = SPEC_BY_NAME[name]
         flags = [f"--{name.replace('_', '-')}"] + ([OPTION_ALIASES[name]] if name in OPTION_ALIASES else [])
         if isinstance(spec.default, list):
-            kind = _int_list
+            kind = _str_list if all(isinstance(v, str) for v in spec.default) else _int_list
         elif isinstance(spec.default, bool):
             kind = _boolean
         else:
@@ -263,6 +268,10 @@ def _boolean(text: str) -> bool:
     if text.lower() in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
 
 
 def _int_list(text: str) -> list[int]:

@@ -4,8 +4,10 @@ Each frame's instances are associated with the tracks by one optimal assignment 
 that combines box overlap with the track's constant-velocity prediction, CLIP embedding similarity and label
 agreement; pairs that are neither close nor alike are never matched. A track is *tentative* until seen
 `min_hits` times, then *confirmed*; unmatched it becomes *lost* (kept, predicted, matchable by appearance for
-`max_lost` frames: an id survives an occlusion) and is then removed. A track's label is the argmax of class
-evidence accumulated over its frames (decayed), so one odd frame does not flip it; after a vocabulary change the
+`max_lost` frames: an id survives an occlusion) and is then removed. An object coming back shows a part first,
+maybe not the part last seen: a lost track is looked for within the box of its last whole view, and a part that
+started a new (unpublished) track is handed to the lost one. A track's label is the argmax of class evidence
+accumulated over its observations (decayed), so one odd frame does not flip it; after a vocabulary change the
 evidence is recomputed from the track's mean embedding.
 """
 
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from .dense import PreparedVocabulary
-from .instances import Instance
+from .instances import Instance, mask_box
 
 TENTATIVE, CONFIRMED, LOST = "tentative", "confirmed", "lost"
 
@@ -34,25 +36,48 @@ class TrackerConfig:
     embedding_weight: float = 1.0
     label_weight: float = 0.3
     max_cost: float = 1.6  # pairs costing more are left unmatched
-    evidence_decay: float = 0.9  # per frame: older evidence counts less, but never vanishes at once
+    evidence_decay: float = 0.9  # per observation: older evidence counts less (not while hidden: an occlusion
+    # does not erase what was learned about the object)
     label_margin: float = 1.25  # another label takes over only when its evidence beats the current one by this
     embedding_momentum: float = 0.8  # the track's mean embedding follows slowly
+    whole_share: float = 0.9  # an observation this large (of the largest lately) shows the whole object
+    full_area_decay: float = 0.99  # per observation: how fast the largest area seen lately is forgotten
 
 
 @dataclass(frozen=True)
 class PackedMask:
-    """An (H, W) bool mask at 1 bit per pixel: a full-frame bool mask per track (300 KB at 640x480) times
-    `max_tracks` would be tens of MB held between frames."""
+    """An (H, W) bool mask kept as the crop of its box at 1 bit per pixel: a full-frame bool mask per track
+    (300 KB at 640x480) times `max_tracks` would be tens of MB held between frames, and the crop is what the
+    next frame's instance extraction needs (`Tracker.expected_masks`)."""
 
-    bits: np.ndarray  # np.packbits of the flattened mask
-    shape: tuple[int, int]
+    bits: np.ndarray  # np.packbits of the flattened crop
+    shape: tuple[int, int]  # (H, W) of the frame
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2 of the crop (pixels, exclusive right/bottom)
+    area: int  # True pixels
 
     @classmethod
-    def of(cls, mask: np.ndarray) -> PackedMask:
-        return cls(np.packbits(mask.reshape(-1)), (int(mask.shape[0]), int(mask.shape[1])))
+    def of(cls, mask: np.ndarray, box: np.ndarray | None = None) -> PackedMask:
+        """`box` (x1, y1, x2, y2), when known, must hold every True pixel; without it the mask's own box."""
+        height, width = mask.shape
+        if box is None:
+            box = mask_box(mask) if mask.any() else np.zeros(4)
+        x1, y1 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
+        x2, y2 = min(int(np.ceil(box[2])), width), min(int(np.ceil(box[3])), height)
+        x2, y2 = max(x2, x1), max(y2, y1)
+        crop = mask[y1:y2, x1:x2]
+        return cls(np.packbits(crop.reshape(-1)), (height, width), (x1, y1, x2, y2), int(np.count_nonzero(crop)))
+
+    def crop(self) -> np.ndarray:
+        """(y2 - y1, x2 - x1) bool: the mask within its box."""
+        x1, y1, x2, y2 = self.box
+        return np.unpackbits(self.bits, count=(y2 - y1) * (x2 - x1)).reshape(y2 - y1, x2 - x1).view(bool)
 
     def unpack(self) -> np.ndarray:
-        return np.unpackbits(self.bits, count=self.shape[0] * self.shape[1]).reshape(self.shape).view(bool)
+        """(H, W) bool."""
+        mask = np.zeros(self.shape, bool)
+        x1, y1, x2, y2 = self.box
+        mask[y1:y2, x1:x2] = self.crop()
+        return mask
 
 
 @dataclass
@@ -72,10 +97,16 @@ class Track:
     extent: np.ndarray | None = None
     visible: bool = True  # observed in the latest frame
     label_id: int = -1  # the published label: the evidence's argmax, with hysteresis (see TrackerConfig)
+    full_box: np.ndarray | None = None  # (4,) box of the last observation that showed the whole object
+    full_area: float = 0.0  # its area (pixels), slowly forgotten so that an object moving away can shrink
+    full_age: int = 1  # the track's age at that observation (age counts every frame since the track started)
 
     def __post_init__(self) -> None:
         if self.label_id < 0:
             self.label_id = int(self.evidence.argmax())
+        if self.full_box is None:
+            self.full_box = self.box
+            self.full_area = float(self.packed_mask.area)
 
     @property
     def mask(self) -> np.ndarray:
@@ -98,11 +129,24 @@ class Track:
         ids = ids[:k]
         return ids, [float(share[i]) for i in ids]
 
-    def predicted_box(self, horizon: int = 5) -> np.ndarray:
+    def predicted_box(self, horizon: int = 5, full: bool = False) -> np.ndarray:
         """Constant velocity for a few frames at most: an object hidden for long is looked for where it was
-        last going, not extrapolated across the image (the search area grows instead, see `_associate`)."""
-        shift = self.velocity * min(self.lost_frames + 1, horizon)
-        return self.box + np.concatenate([shift, shift]).astype(np.float32)
+        last going, not extrapolated across the image (the search area grows instead, see `_associate`).
+        `full`: where the whole object is, from its last whole view, rather than its last (maybe partly hidden)
+        observation."""
+        frames = (self.age - self.full_age if full else self.lost_frames) + 1
+        shift = self.velocity * min(frames, horizon)
+        return (self.full_box if full else self.box) + np.concatenate([shift, shift]).astype(np.float32)
+
+
+def box_containment(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, 4) x (M, 4) boxes -> (N, M) share of each b inside each a."""
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    return inter / np.maximum((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]), 1e-9)[None, :]
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -147,7 +191,6 @@ class Tracker:
                 track.visible = False
                 track.lost_frames += 1
                 track.age += 1
-                track.evidence *= cfg.evidence_decay
                 if track.state == CONFIRMED or track.state == LOST:
                     track.state = LOST
         for index in unmatched:
@@ -158,6 +201,18 @@ class Tracker:
             self.tracks.sort(key=lambda t: (t.visible, -t.lost_frames, t.hits), reverse=True)
             del self.tracks[cfg.max_tracks:]
         return self.published()
+
+    def expected_masks(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """(box (4,) int, crop (y2 - y1, x2 - x1) bool, label) of where each confirmed track seen in the last
+        frame should be now: its last mask moved by its velocity (the box may reach past the frame). Instance
+        extraction uses them to keep apart objects that touch."""
+        expected = []
+        for track in self.tracks:
+            if track.state == CONFIRMED and track.visible:
+                dx, dy = (int(round(float(v))) for v in track.velocity)
+                box = np.array(track.packed_mask.box) + np.array([dx, dy, dx, dy])
+                expected.append((box, track.packed_mask.crop(), track.label_id))
+        return expected
 
     def published(self) -> list[Track]:
         return [t for t in self.tracks if t.state == CONFIRMED and t.visible]
@@ -179,6 +234,12 @@ class Tracker:
         predicted = np.stack([t.predicted_box() for t in self.tracks])
         boxes = np.stack([i.box for i in instances])
         overlap = box_iou(predicted, boxes)  # (T, N)
+        # An object coming out from behind another shows a part first, maybe not the part last seen: for a lost
+        # track, an instance lying within where the whole object was overlaps it fully.
+        lost = np.array([t.lost_frames > 0 for t in self.tracks])
+        if lost.any():
+            whole = np.stack([t.predicted_box(full=True) for t in self.tracks])
+            overlap = np.where(lost[:, None], np.maximum(overlap, box_containment(whole, boxes)), overlap)
         similarity = (torch.stack([t.embedding for t in self.tracks])
                       @ torch.stack([i.embedding for i in instances]).T).numpy()
         same_label = np.array([[float(t.label_id == i.class_id) for i in instances] for t in self.tracks])
@@ -197,16 +258,38 @@ class Tracker:
         cost = np.where(allowed, np.minimum(cost, cfg.max_cost + 1e-5), cfg.max_cost + 1e-5)
         rows, cols = linear_sum_assignment(cost)
         matches = [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if cost[r, c] <= cfg.max_cost]
+        matches = self._prefer_lost(matches, cost)
         taken = {c for _, c in matches}
         return matches, [i for i in range(len(instances)) if i not in taken]
 
+    def _prefer_lost(self, matches: list[tuple[int, int]], cost: np.ndarray) -> list[tuple[int, int]]:
+        """An instance matched to a tentative track (never published) that an unmatched lost track could also
+        take goes to the lost track: an object coming back into view shows a part first, which starts a new
+        track that fits the next frames better than the old one does; the tentative track, unmatched, ends."""
+        matched = {r for r, _ in matches}
+        result = []
+        for r, c in matches:
+            if self.tracks[r].state == TENTATIVE:
+                lost = [t for t, track in enumerate(self.tracks)
+                        if track.state == LOST and t not in matched and cost[t, c] <= self.config.max_cost]
+                if lost:
+                    r = min(lost, key=lambda t: cost[t, c])
+                    matched.add(r)
+            result.append((r, c))
+        return result
+
     def _observe(self, track: Track, instance: Instance) -> None:
         cfg = self.config
-        old_centre = (track.box[:2] + track.box[2:]) / 2
-        new_centre = (instance.box[:2] + instance.box[2:]) / 2
-        step = (new_centre - old_centre) / (track.lost_frames + 1)
-        track.velocity = (0.5 * track.velocity + 0.5 * step).astype(np.float32)
-        track.box, track.mask = instance.box, instance.mask
+        area = float(instance.area)
+        if area >= cfg.whole_share * track.full_area:  # the whole object (not a part, with the rest hidden)
+            # The velocity from whole views only: a part's centre moves as the occluder moves, not the object.
+            old_centre = (track.full_box[:2] + track.full_box[2:]) / 2
+            new_centre = (instance.box[:2] + instance.box[2:]) / 2
+            step = (new_centre - old_centre) / (track.age + 1 - track.full_age)
+            track.velocity = (0.5 * track.velocity + 0.5 * step).astype(np.float32)
+            track.full_box, track.full_age = instance.box, track.age + 1
+        track.full_area = max(area, cfg.full_area_decay * track.full_area)
+        track.box, track.packed_mask = instance.box, PackedMask.of(instance.mask, instance.box)
         track.embedding = F.normalize(cfg.embedding_momentum * track.embedding
                                       + (1 - cfg.embedding_momentum) * instance.embedding, dim=-1)
         track.evidence = track.evidence * cfg.evidence_decay + instance.probabilities
@@ -221,7 +304,7 @@ class Tracker:
             track.state = CONFIRMED
 
     def _start(self, instance: Instance) -> Track:
-        track = Track(id=self._next_id, box=instance.box, packed_mask=PackedMask.of(instance.mask),
+        track = Track(id=self._next_id, box=instance.box, packed_mask=PackedMask.of(instance.mask, instance.box),
                       embedding=instance.embedding,
                       evidence=instance.probabilities.clone(), score=float(instance.probabilities.max()),
                       centroid=instance.centroid, extent=instance.extent)

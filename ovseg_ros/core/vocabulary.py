@@ -69,6 +69,13 @@ class Vocabulary:
         return len(self.labels)
 
 
+def classes_named(vocabulary: Vocabulary, names: str | tuple[str, ...] | list[str]) -> frozenset[int]:
+    """Indices of the classes any of whose synonyms is one of `names` (case-insensitive); `names` may be one
+    comma-separated string (how a ROS string parameter gives a list)."""
+    wanted = {n.strip().lower() for n in (names.split(",") if isinstance(names, str) else names) if n.strip()}
+    return frozenset(i for i, synonyms in enumerate(vocabulary.synonyms) if wanted & {n.lower() for n in synonyms})
+
+
 def split_synonyms(label: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in label.split(SYNONYM_SEPARATOR) if part.strip())
 

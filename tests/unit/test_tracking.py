@@ -197,3 +197,110 @@ def test_tracks_keep_their_masks_at_one_bit_per_pixel():
     tracker = Tracker(TrackerConfig(min_hits=1))
     track = tracker.update([instance(10, 10, basis(0), one_hot(0))])[0]
     assert track.mask[10:22, 10:22].all() and track.mask.sum() == 144
+    assert track.packed_mask.bits.nbytes == 144 // 8  # only the object's box is kept
+
+
+def box_instance(box: tuple[int, int, int, int], embedding: torch.Tensor, probs: torch.Tensor) -> Instance:
+    """An instance whose mask is the box (x1, y1, x2, y2)."""
+    x1, y1, x2, y2 = box
+    mask = np.zeros(SHAPE, bool)
+    mask[y1:y2, x1:x2] = True
+    return Instance(mask, np.array(box, np.float32), int(probs.argmax()), 0.9, F.normalize(embedding.float(), dim=0),
+                    probs.float())
+
+
+def test_objects_of_one_class_that_come_to_touch_stay_two_and_an_occluder_is_not_carved_up():
+    from ovseg_ros.core.instances import separate_known
+
+    tracker = Tracker(TrackerConfig(min_hits=1))
+    for t in range(4):  # two class-1 squares moving towards each other, 4 px per frame each
+        tracker.update([box_instance((20 + 4 * t, 40, 40 + 4 * t, 60), basis(0), one_hot(1)),
+                        box_instance((70 - 4 * t, 40, 90 - 4 * t, 60), basis(1), one_hot(1))])
+    left, right = np.zeros(SHAPE, bool), np.zeros(SHAPE, bool)
+    left[40:60, 36:56], right[40:60, 54:74] = True, True  # next frame: they overlap by 2 px, one region of class 1
+    labels = np.zeros(SHAPE, np.uint16)
+    labels[left | right] = 1
+    parts = separate_known([left | right], labels, tracker.expected_masks(), min_area=20)
+    assert len(parts) == 2
+    for truth in (left, right):
+        best = max(parts, key=lambda p: (p & truth).sum())
+        assert (best & truth).sum() / (best | truth).sum() > 0.85
+    assert len(separate_known([left | right], labels, [], min_area=20)) == 1  # first seen touching: merged
+
+    # A class-2 square stands still; a class-1 disc-like square slides over it and hides it wholly.
+    tracker = Tracker(TrackerConfig(min_hits=1))
+    for t in range(6):
+        tracker.update([box_instance((60, 40, 80, 60), basis(2), one_hot(2)),
+                        box_instance((12 + 4 * t, 30, 52 + 4 * t, 70), basis(3), one_hot(1))])
+    occluder = np.zeros(SHAPE, bool)
+    occluder[30:70, 40:80] = True  # covers the class-2 square; all of it labelled as the occluder's class
+    labels = np.where(occluder, 1, 0).astype(np.uint16)
+    assert len(separate_known([occluder], labels, tracker.expected_masks(), min_area=20)) == 1
+
+
+def test_an_object_coming_back_from_behind_another_keeps_its_id_though_another_part_shows_first():
+    tracker = Tracker(TrackerConfig(min_hits=2, max_lost=15))
+    look, probs = basis(0), one_hot(0)
+    for _ in range(3):
+        whole = tracker.update([box_instance((60, 40, 90, 70), look, probs)])
+    track_id = whole[0].id
+    tracker.update([box_instance((75, 40, 90, 70), look, probs)])  # the left half is being covered ...
+    for _ in range(6):
+        tracker.update([])  # ... then all of it
+    # It comes back from the left: the left third shows first, a box that does not overlap the right half last
+    # seen, and too little of it to look much like the object (or be labelled as it). Inside where the whole
+    # object was, it is the same object.
+    part = F.normalize(basis(0) + 1.1 * basis(5), dim=0)  # cosine 0.67 with the object's look
+    back = tracker.update([box_instance((60, 40, 70, 70), part, one_hot(1))])
+    assert len(tracker.tracks) == 1 and tracker.tracks[0].id == track_id and tracker.tracks[0].visible
+    assert [t.id for t in back] == [track_id]
+
+
+def test_a_new_track_started_by_a_returning_part_hands_over_to_the_lost_track():
+    tracker = Tracker(TrackerConfig(min_hits=2, max_lost=15))
+    look = basis(0)
+    for _ in range(3):
+        seen = tracker.update([box_instance((60, 40, 90, 70), look, one_hot(0))])
+    track_id = seen[0].id
+    for _ in range(5):
+        tracker.update([])
+    # The first part to show looks unlike the object (too little of it): a new tentative track starts.
+    odd = F.normalize(basis(0) * 0.3 + basis(5), dim=0)
+    assert tracker.update([box_instance((60, 40, 66, 70), odd, one_hot(1))]) == []
+    assert len(tracker.tracks) == 2
+    # Next frame a little more shows: the tentative track fits it best, but the lost one can take it and does.
+    back = tracker.update([box_instance((60, 40, 68, 70), F.normalize(0.6 * look + basis(5), dim=0), one_hot(1))])
+    assert [t.id for t in back] == [track_id]
+    assert len(tracker.tracks) == 1  # the tentative track, unmatched, ended
+
+
+def test_what_a_track_learned_is_not_forgotten_while_it_is_hidden():
+    tracker = Tracker(TrackerConfig(min_hits=1, max_lost=30))
+    for _ in range(10):
+        tracker.update([box_instance((60, 40, 90, 70), basis(0), one_hot(0))])
+    for _ in range(20):
+        tracker.update([])
+    # Back, but the first views say class 1 a little (a part of it shows): the label holds.
+    for _ in range(2):
+        label = tracker.update([box_instance((60, 40, 90, 70), basis(0), one_hot(1, strength=0.6))])[0].label_id
+    assert label == 0
+
+
+def test_background_classes_are_never_objects_whatever_their_size():
+    from ovseg_ros.core.dense import SegmentationResult
+    from ovseg_ros.core.instances import background_mask, region_masks
+    from ovseg_ros.core.vocabulary import classes_named
+
+    vocabulary = Vocabulary(("grass;lawn", "Floor", "red mug", "table"))
+    assert classes_named(vocabulary, ("LAWN", "floor", "sky")) == {0, 1}
+    assert classes_named(vocabulary, "floor, table") == {1, 3}  # one comma-separated string, as a parameter
+    labels = np.full(SHAPE, 1, np.uint16)  # floor everywhere ...
+    labels[10:30, 10:30] = 0  # ... a small patch of grass
+    labels[50:70, 50:70] = 2  # a mug
+    result = SegmentationResult(labels, np.ones(SHAPE, np.float32), [0, 1, 2], ["grass", "Floor", "red mug"],
+                                [1.0] * 3, [0.0] * 3, 1)
+    background = background_mask(result, 0.25, classes_named(vocabulary, ("grass", "floor")))
+    masks = region_masks(labels, background, min_area=20)
+    assert len(masks) == 1 and masks[0][50:70, 50:70].all() and masks[0].sum() == 400
+    patch = region_masks(labels, background_mask(result, 0.25), min_area=20)  # nothing named: size decides
+    assert len(patch) == 2

@@ -194,6 +194,17 @@ _TEXTURES: dict[str, Callable[[np.random.Generator, int, int], np.ndarray]] = {
 }
 
 
+def stuff_patches_image(seed: int = 0, size: tuple[int, int] = (192, 192)) -> np.ndarray:
+    """(H, W, 3) uint8: sand with a patch of grass and one of wall, each about a tenth of the frame and no
+    object: what object tracking must leave alone (`track_background`)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    planar = _sand(rng, h, w)
+    planar[:, h // 10:h * 4 // 10, w // 2:w * 9 // 10] = _grass(rng, h * 4 // 10 - h // 10, w * 9 // 10 - w // 2)
+    planar[:, h * 6 // 10:h * 9 // 10, w // 6:w // 2] = _wall(rng, h * 9 // 10 - h * 6 // 10, w // 2 - w // 6)
+    return np.clip(planar.transpose(1, 2, 0), 0, 255).astype(np.uint8)
+
+
 def _background(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Pick a 1-2 region layout; return the planar float background, its stuff labels and names, top first."""
     layout = rng.random()

@@ -13,7 +13,7 @@ from ovseg_interfaces.srv import FindObjects
 from ovseg_ros.ros.image_conversions import image_to_array, rgb_to_image
 from ovseg_ros.ros.messages import SERVICE_QOS
 from ovseg_ros.synth.sequences import render_sequence
-from ovseg_ros.synth.world import world_vocabulary
+from ovseg_ros.synth.world import STUFF, stuff_patches_image, world_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,8 @@ def node(tmp_path_factory, ros):
     from ovseg_ros.client import OvsegClient
 
     proc = start_node(tmp_path_factory.mktemp("objects"), params={
-        "clip_model": "ovseg-demo-clip", "vocabulary": world_vocabulary(), "track_min_hits": 2})
+        "clip_model": "ovseg-demo-clip", "vocabulary": world_vocabulary(), "track_min_hits": 2,
+        "track_background": ",".join(STUFF)})  # one comma-separated string, as `-p track_background:=a,b` gives
     client = OvsegClient("", name="test_objects_client", extra_topics={"objects": TrackedObjects, "object_ids": Image})
     finder = client.node.create_client(FindObjects, "find_objects", qos_profile=SERVICE_QOS)
     try:
@@ -57,6 +58,7 @@ def test_objects_and_ids_follow_a_sequence_and_find_objects_answers(node):
             x1, y1, x2, y2 = (int(v) for v in obj.box)
             assert (pixels[y1:y2, x1:x2] == obj.id).any()  # the id image carries every published object
             assert obj.state == "confirmed" and obj.label in world_vocabulary()
+            assert obj.label not in STUFF  # grass, sky, ... are background, never objects
         ids_per_frame.append({o.id for o in objects.objects})
     assert any(ids_per_frame[2:]), proc.output()
     persistent = set.intersection(*[ids for ids in ids_per_frame[2:] if ids])
@@ -65,6 +67,18 @@ def test_objects_and_ids_follow_a_sequence_and_find_objects_answers(node):
     assert answer.success, answer.message
     assert len(answer.objects) == len(answer.scores) == len(answer.masks) <= 2
     assert answer.header.stamp.sec == 507 and all(-1.0 <= s <= 1.0 for s in answer.scores)
+
+
+def test_patches_of_background_classes_are_not_objects(node):
+    """track_background given as one comma-separated string reaches the tracker: small patches of grass and wall
+    on sand (objects by size alone, tests/unit/test_pipeline.py) publish no object."""
+    proc, client, _ = node
+    for t in range(3):
+        header = Header(frame_id="cam")
+        header.stamp.sec = 900 + t
+        assert client.segment(rgb_to_image(stuff_patches_image(), header)) is not None, proc.output()
+        objects = client.wait_for("objects", lambda m, s=900 + t: m.header.stamp.sec == s, timeout=10)
+        assert objects is not None and list(objects.objects) == [], objects
 
 
 def test_a_vocabulary_change_relabels_the_tracks_and_bumps_the_version(node):

@@ -276,3 +276,20 @@ def test_an_example_is_scaled_against_the_vocabulary_it_joins_not_the_one_before
     np.testing.assert_allclose(made[0], made[1], atol=1e-6)
     tiny = pipeline.set_vocabulary(labels, [], [ExemplarRequest("dot", image=np.zeros((4, 30, 3), np.uint8))])
     assert not tiny.success and "exemplar_images[0]" in tiny.message and "at least 8x8" in tiny.message
+
+
+def test_background_classes_are_never_tracked_objects():
+    from ovseg_ros.core.vocabulary import Vocabulary
+    from ovseg_ros.synth.world import STUFF, stuff_patches_image, world_vocabulary
+
+    image = stuff_patches_image()
+    labels = {}
+    for background in ("", ",".join(STUFF)):
+        settings = make_settings({"clip_model": "ovseg-demo-clip", "track_background": background,
+                                  "track_min_hits": 1, "publish_overlay": False})
+        pipe = build_pipeline(settings, vocabulary=Vocabulary(tuple(world_vocabulary())), warm_up=False)
+        output = pipe.process_batch([FrameInput("", image, (1, 0))])[0]
+        assert not output.tracking_error
+        labels[background] = [view.label for view in output.objects]
+    assert labels[""] and set(labels[""]) <= set(STUFF)  # by size alone, patches of sand and wall are objects
+    assert labels[",".join(STUFF)] == []

@@ -42,7 +42,8 @@ class DenseConfig:
     pamr_steps: int = 0  # PAMR iterations on the full-resolution scores; 0 = off
     pamr_dilations: tuple[int, ...] = DEFAULT_DILATIONS
     synonym_merge: str = "max"  # "max": each synonym its own query; "mean": one averaged query per class
-    resize: str = "area"  # how the image is resized to the model input: "area" (demo) or "bilinear" (the papers)
+    resize: str = "bilinear"  # how the image is resized to the model input: "bilinear" (the papers, the demo) or
+    # "area" (anti-aliased when shrinking)
     selection_threshold: float = 0.0  # DCS tau, relative to the best class; 0 disables category selection
     selection_patch_top_k: int = 6  # DCS patch level: classes in any patch's top-k join the candidates
     selection_min_classes: int = 1  # DCS never keeps fewer than this (best image-level scores)

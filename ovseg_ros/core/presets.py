@@ -84,11 +84,13 @@ PRESETS: dict[str, Preset] = {
             {"clip_model": "ovseg-demo-clip", "dense_variant": "plain", "input_size": 0, "window_size": 0,
              "window_stride": 0, "logit_scale": 0.0, "score_threshold": 0.0, "pamr_steps": 0,
              "pamr_dilations": [8, 16], "prompt_templates": ["default"], "synonym_merge": "max",
-             "selection_threshold": 0.3, "resize_interpolation": "area"},
+             "selection_threshold": 0.3, "resize_interpolation": "bilinear"},
             {"clip_model": "models/demo/ovseg-demo-clip.md", "dense_variant":
              "demo model card: trained on the plain tokens", "selection_threshold": "README accuracy figures",
              "logit_scale": "the model's own (trained)",
-             "resize_interpolation": "README accuracy figures (area: +0.01 mIoU over bilinear at 224 -> 128)"}),
+             "resize_interpolation": "README, demo camera figures: on 40 640x480 scenes resized to 224 px, stuff "
+             "pixel accuracy 0.984 bilinear vs 0.753 area (the anti-aliased shrink smooths away the textures "
+             "the demo CLIP learned at 224 px: sand read as wall)"}),
     )
 }
 

@@ -66,7 +66,7 @@ SPECS: tuple[ParamSpec, ...] = (
               dense_field="variant"),
     ParamSpec("input_size", 0, "short side the image is resized to, in pixels; 0 = the model's native size",
               low=0, high=2048, dense_field="input_size"),
-    ParamSpec("resize_interpolation", "area", "how the image is resized to input_size: bilinear (as the papers) or "
+    ParamSpec("resize_interpolation", "bilinear", "how the image is resized to input_size: bilinear (as the papers) or "
               "area (anti-aliased when shrinking)", choices=RESIZES, dense_field="resize"),
     ParamSpec("window_stride", 0, "sliding windows: stride in resized-image pixels; each window's per-pixel logits "
               "are averaged; 0 = the whole image in one pass", low=0, high=2048, dense_field="window_stride"),

@@ -187,13 +187,15 @@ def background_mask(result: SegmentationResult, max_area_fraction: float,
     on or in front of, named by the user) and every region of another class larger than `max_area_fraction` of
     the frame (what was not named so)."""
     labels = result.labels
-    background = labels == UNLABELLED
+    limit = max_area_fraction * labels.size
+    named = [int(c) for c in result.class_ids if int(c) in background_classes]
+    background = np.isin(labels, [UNLABELLED, *named])
+    areas = np.bincount(labels.ravel())
     for class_id in result.class_ids:
-        if int(class_id) in background_classes:
-            background |= labels == class_id
+        if int(class_id) in background_classes or areas[class_id] <= limit:  # no region of it can be larger
             continue
         count, components, stats, _ = cv2.connectedComponentsWithStats((labels == class_id).astype(np.uint8), 8)
-        for index in np.nonzero(stats[1:, cv2.CC_STAT_AREA] > max_area_fraction * labels.size)[0]:
+        for index in np.nonzero(stats[1:, cv2.CC_STAT_AREA] > limit)[0]:
             background |= components == index + 1
     return background
 

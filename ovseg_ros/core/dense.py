@@ -23,6 +23,7 @@ from .vocabulary import UNLABELLED, Vocabulary
 REFINEMENTS = ("none", "guided", "sam")  # "sam" is applied by the caller that owns SAM (PromptSegmenter)
 PRECISIONS = ("fp32", "bf16", "fp16")
 SYNONYM_MERGES = ("max", "mean")  # synonyms as separate queries (class probability = max), or one averaged query
+PAMR_DILATION_UNITS = ("frame", "input")
 RESIZES = ("bilinear", "area")  # area: OpenCV INTER_AREA when shrinking (anti-aliased), bilinear when enlarging
 
 
@@ -41,6 +42,9 @@ class DenseConfig:
     logit_scale: float = 0.0  # softmax temperature of the per-pixel class scores; 0 = CLIP's own (capped at 100)
     pamr_steps: int = 0  # PAMR iterations on the full-resolution scores; 0 = off
     pamr_dilations: tuple[int, ...] = DEFAULT_DILATIONS
+    # "frame": dilations in the frame's pixels (the papers' code); "input": in the resized model input's pixels,
+    # scaled to the frame, so the neighbourhood keeps its size relative to the patch grid at any camera resolution
+    pamr_dilation_unit: str = "frame"
     synonym_merge: str = "max"  # "max": each synonym its own query; "mean": one averaged query per class
     resize: str = "bilinear"  # how the image is resized to the model input: "bilinear" (the papers, the demo) or
     # "area" (anti-aliased when shrinking)
@@ -73,12 +77,23 @@ class DenseConfig:
             raise ValueError(f"refinement must be one of {', '.join(REFINEMENTS)}, got {self.refinement!r}")
         if self.window_size < 0 or self.logit_scale < 0 or self.pamr_steps < 0:
             raise ValueError("window_size, logit_scale and pamr_steps must be >= 0")
+        if self.pamr_dilation_unit not in PAMR_DILATION_UNITS:
+            raise ValueError(f"pamr_dilation_unit must be one of {', '.join(PAMR_DILATION_UNITS)}, "
+                             f"got {self.pamr_dilation_unit!r}")
         if not self.pamr_dilations or any(int(d) < 1 for d in self.pamr_dilations):
             raise ValueError(f"pamr_dilations must be positive integers, got {list(self.pamr_dilations)}")
         if self.resize not in RESIZES:
             raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {self.resize!r}")
         if self.synonym_merge not in SYNONYM_MERGES:
             raise ValueError(f"synonym_merge must be one of {', '.join(SYNONYM_MERGES)}, got {self.synonym_merge!r}")
+
+    def pamr_dilations_for(self, size: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, ...]:
+        """PAMR's dilations in frame pixels, for a frame of `size` (H, W) resized to `canvas` for the tower."""
+        dilations = tuple(int(d) for d in self.pamr_dilations)
+        if self.pamr_dilation_unit == "frame":
+            return dilations
+        scale = min(size) / min(canvas)
+        return tuple(max(1, round(d * scale)) for d in dilations)
 
 
 @dataclass(frozen=True)
@@ -431,7 +446,7 @@ class DenseSegmenter:
         affinity = None
         if self.config.pamr_steps > 0:
             guide = torch.from_numpy(image_rgb).to(device).permute(2, 0, 1).float()
-            affinity = PamrAffinity(guide, tuple(self.config.pamr_dilations))
+            affinity = PamrAffinity(guide, self.config.pamr_dilations_for(size, frame.canvas))
             clock.add("pamr")
         grey = None
         if self.config.refinement == "guided":

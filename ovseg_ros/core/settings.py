@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .clip_dense import DENSE_VARIANTS
-from .dense import REFINEMENTS, RESIZES, SYNONYM_MERGES, DenseConfig
+from .dense import PAMR_DILATION_UNITS, REFINEMENTS, RESIZES, SYNONYM_MERGES, DenseConfig
 from .presets import DEFAULT_PRESET, PRESETS, get_preset
 from .vocabulary import DEFAULT_TEMPLATES
 
@@ -77,6 +77,10 @@ SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("pamr_steps", 0, "PAMR (pixel-adaptive mask refinement) iterations at full resolution; 0 = off",
               low=0, high=50, dense_field="pamr_steps"),
     ParamSpec("pamr_dilations", [8, 16], "PAMR neighbourhood dilations in pixels", dense_field="pamr_dilations"),
+    ParamSpec("pamr_dilation_unit", "input", "whose pixels pamr_dilations counts: frame (the camera frame's, as "
+              "the papers' code) or input (the resized model input's, scaled to the frame: the same neighbourhood "
+              "relative to the patch grid at any camera resolution)", choices=PAMR_DILATION_UNITS,
+              dense_field="pamr_dilation_unit"),
     ParamSpec("synonym_merge", "max", "synonyms (';') as separate queries whose best wins (max), or one averaged "
               "query per class (mean)", read_only=True, choices=SYNONYM_MERGES, dense_field="synonym_merge"),
     ParamSpec("score_threshold", 0.0, "pixels whose class probability is below this are unlabelled (65535)",

@@ -251,3 +251,14 @@ def test_text_encoding_stops_at_the_end_of_text_token_without_changing_the_embed
         short = model_encoder._encode_tokens(tokens)
     assert int(tokens.argmax(dim=-1).max()) + 1 < tokens.shape[1]  # there was padding to skip
     assert (full - short).abs().max().item() <= 1e-5 * full.abs().max().item()
+
+
+def test_pamr_dilations_follow_the_patch_grid_in_the_demo_and_the_frame_in_the_papers():
+    demo = dense_config(preset_defaults("demo"))
+    assert demo.pamr_dilation_unit == "input"
+    assert demo.pamr_dilations_for((224, 224), (224, 224)) == (8, 16)  # the model's own size: as given
+    assert demo.pamr_dilations_for((480, 640), (224, 299)) == (17, 34)  # a 640x480 camera: scaled with the grid
+    for name in ("naclip-vit-b16", "sclip-vit-b16", "clearclip-vit-b16"):
+        papers = dense_config(preset_defaults(name))  # NACLIP runs PAMR at the original image's size, in its pixels
+        assert papers.pamr_dilation_unit == "frame"
+        assert papers.pamr_dilations_for((480, 640), (336, 448)) == (8, 16)

@@ -322,8 +322,10 @@ class SegmentationPipeline:
             objects = instances_from_masks(masks[: settings.track_max_tracks], result.dense_features, prepared,
                                            scale, depth)
         else:
-            with self._tracker_lock:
-                known = self.trackers[frame.camera].expected_masks()
+            with self._tracker_lock:  # labels of the frame's vocabulary: relabel first after a change
+                tracker = self.trackers[frame.camera]
+                tracker.sync_vocabulary(prepared, scale)
+                known = tracker.expected_masks()
             objects = extract_instances(result, prepared, scale, depth, settings.track_min_area,
                                         settings.track_max_area, max_instances=settings.track_max_tracks,
                                         known=known, background_classes=background_classes)

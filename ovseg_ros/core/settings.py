@@ -144,7 +144,7 @@ SPECS: tuple[ParamSpec, ...] = (
               "floor, sky, walls: left to the label map)", low=0.0, high=1.0),
     ParamSpec("track_background", list(DEFAULT_TRACK_BACKGROUND), "classes never tracked as objects, whatever "
               "their size (what objects stand on or in front of): names matched against every synonym of the "
-              "vocabulary's classes, case-insensitive; a string array or one comma-separated string",
+              "vocabulary's classes, case-insensitive; a string array or one comma-separated string (\"\" = none)",
               dynamic_typing=True),
     ParamSpec("objects_embeddings", False, "include each object's CLIP embedding in `objects`"),
     ParamSpec("use_depth", False, "pair an aligned depth image (`depth/image`, 16UC1 mm or 32FC1 m) and "

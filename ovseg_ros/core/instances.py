@@ -1,12 +1,14 @@
 """Object instances of one frame, from its dense label map: what the tracker associates frame to frame.
 
-Regions of a class larger than `max_area_fraction` of the frame are background (floor, sky, walls: left to the
-label map), as are unlabelled pixels. Each connected region of what remains (above a minimum area) is split into
-its connected runs of one class that hold at least MIN_PART_SHARE of it, the other pixels (specks of other
-labels at a rim) joining the nearest run: touching objects of different classes become separate instances, and
-an object with a few stray labels stays one (touching objects of the SAME class stay merged; segment-everything
-separates them). Each instance gets its mask and box, the CLIP embedding pooled under its mask from the frame's one
-dense pass (no second tower pass), its class probabilities from that embedding, and with depth its 3D place.
+The classes named as background (`track_background`: floor, sky, walls, ...) are never objects, nor is a region
+of any class larger than `max_area_fraction` of the frame (left to the label map), nor unlabelled pixels. Each
+connected region of what remains (above a minimum area) is split into its connected runs of one class that hold
+at least MIN_PART_SHARE of it, the other pixels (specks of other labels at a rim) joining the nearest run: touching
+objects of different classes become separate instances, and an object with a few stray labels stays one. Touching
+objects of the SAME class are kept apart when the tracker knows them from earlier frames (`separate_known`), and
+otherwise stay merged (segment-everything separates them). Each instance gets its mask and box, the CLIP
+embedding pooled under its mask from the frame's one dense pass (no second tower pass), its class probabilities
+from that embedding, and with depth its 3D place.
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ def separate_known(regions: list[np.ndarray], labels: np.ndarray, known: list[tu
                 seeds.append(seed)
                 classes.append(class_id)
         parts = nearest_parts(inside, seeds) if len(seeds) >= 2 else []
+        if any(np.count_nonzero(part) < min_area for part in parts):
+            parts = []  # one object covers where another should be (an occluder over a still one)
         for part, class_id in zip(parts, classes if parts else [], strict=True):
             majority = majority_class(labels[y1:y2, x1:x2], part)
             if majority != class_id and majority in classes:

@@ -30,7 +30,7 @@ class ParamSpec:
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] = ()
-    dynamic_typing: bool = False  # accepts more than one type (e.g. a string or a string array)
+    dynamic_typing: bool = False  # a string or a string array (a list of names, also as 'a,b,c')
     dense_field: str | None = None  # the DenseConfig field this parameter sets
 
     def check(self, value) -> str | None:
@@ -39,6 +39,9 @@ class ParamSpec:
             return f"{self.name} must be one of {', '.join(self.choices)}, got {value!r}"
         if self.low is not None and not isinstance(value, (bool, str, list)) and not self.low <= value <= self.high:
             return f"{self.name} must be in [{self.low}, {self.high}], got {value}"
+        if self.dynamic_typing and not (isinstance(value, str) or (
+                isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value))):
+            return f"{self.name} must be a string array or one comma-separated string, got {value!r}"
         return None
 
 

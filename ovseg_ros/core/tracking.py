@@ -41,7 +41,9 @@ class TrackerConfig:
     label_margin: float = 1.25  # another label takes over only when its evidence beats the current one by this
     embedding_momentum: float = 0.8  # the track's mean embedding follows slowly
     whole_share: float = 0.9  # an observation this large (of the largest lately) shows the whole object
-    full_area_decay: float = 0.99  # per observation: how fast the largest area seen lately is forgotten
+    full_area_decay: float = 0.99  # per observation: how fast the largest area seen lately (the decayed
+    # maximum of observed areas) is forgotten
+    rim_share: float = 0.2  # a part of a lost object coming back lies this close (share of its size) to its rim
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class Track:
     visible: bool = True  # observed in the latest frame
     label_id: int = -1  # the published label: the evidence's argmax, with hysteresis (see TrackerConfig)
     full_box: np.ndarray | None = None  # (4,) box of the last observation that showed the whole object
-    full_area: float = 0.0  # its area (pixels), slowly forgotten so that an object moving away can shrink
+    full_area: float = 0.0  # decayed maximum of observed areas (pixels): an object moving away can shrink
     full_age: int = 1  # the track's age at that observation (age counts every frame since the track started)
 
     def __post_init__(self) -> None:
@@ -153,6 +155,15 @@ def box_area(boxes: np.ndarray) -> np.ndarray:
 def box_containment(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(N, 4) x (M, 4) boxes -> (N, M) share of each b inside each a."""
     return box_intersection(a, b) / np.maximum(box_area(b), 1e-9)[None, :]
+
+
+def box_at_border(a: np.ndarray, b: np.ndarray, tolerance: float) -> np.ndarray:
+    """(N, 4) x (M, 4) boxes -> (N, M) whether each b reaches to within `tolerance` (a share of a's larger
+    side) of one of a's sides."""
+    reach = tolerance * np.maximum(a[:, 2] - a[:, 0], a[:, 3] - a[:, 1])[:, None]
+    gaps = np.stack([b[None, :, 0] - a[:, None, 0], b[None, :, 1] - a[:, None, 1],
+                     a[:, None, 2] - b[None, :, 2], a[:, None, 3] - b[None, :, 3]])
+    return (gaps <= reach[None]).any(axis=0)
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -235,11 +246,13 @@ class Tracker:
         boxes = np.stack([i.box for i in instances])
         overlap = box_iou(predicted, boxes)  # (T, N)
         # An object coming out from behind another shows a part first, maybe not the part last seen: for a lost
-        # track, an instance lying within where the whole object was overlaps it fully.
+        # track, an instance lying within where the whole object was, at its rim (where an occluder moving off
+        # uncovers it first), overlaps it fully. Not one in the middle: another object that stands there.
         lost = np.array([t.lost_frames > 0 for t in self.tracks])
         if lost.any():
             whole = np.stack([t.predicted_box(full=True) for t in self.tracks])
-            overlap = np.where(lost[:, None], np.maximum(overlap, box_containment(whole, boxes)), overlap)
+            emerging = lost[:, None] & box_at_border(whole, boxes, cfg.rim_share)
+            overlap = np.where(emerging, np.maximum(overlap, box_containment(whole, boxes)), overlap)
         similarity = (torch.stack([t.embedding for t in self.tracks])
                       @ torch.stack([i.embedding for i in instances]).T).numpy()
         same_label = np.array([[float(t.label_id == i.class_id) for i in instances] for t in self.tracks])

@@ -73,6 +73,7 @@ class SequenceScore:
             "flicker_untracked": round(self.label_changes_untracked / max(self.label_pairs, 1), 4),
             "flicker_tracked": round(self.label_changes_tracked / max(self.label_pairs, 1), 4),
             "occlusion_ids_kept": round(self.occlusions_kept / max(self.occlusions, 1), 4),
+            "occlusions": self.occlusions,  # sequences whose hidden object was tracked before and after
             "tracker_ms_p50": round(float(np.median(self.tracker_ms)), 3) if self.tracker_ms else 0.0,
             "find_top1": round(self.find_top1 / max(self.find_queries, 1), 4),
             "find_queries": self.find_queries,
@@ -109,13 +110,16 @@ def score_sequence(pipeline, seed: int, frames: int, size: tuple[int, int], hidd
     label_tracked: dict[int, str] = {}
     label_untracked: dict[int, str] = {}
     occluded_target = 1
-    target_ids: list[int] = []  # track ids matched to the occluded object, in frame order
+    target_ids: list[tuple[int, int]] = []  # (frame, track id) where the occluded object was matched
+    hidden_frames: list[int] = []  # frames where none of the occluded object shows
     for t, frame in enumerate(sequence):
         output = pipeline.process_batch([FrameInput(camera, frame.image, (seed, t))])[0]
         if output.error:
             raise RuntimeError(output.error)
         score.tracker_ms.append(output.tracking_ms)
         truth_ids = [i for i in frame.names if (frame.ids == i).sum() >= MIN_TRUE_AREA]
+        if not (frame.ids == occluded_target).any():
+            hidden_frames.append(t)
         truth = [frame.ids == i for i in truth_ids]
         objects = output.objects or []
         matches = one_to_one(mask_ious(truth, [o.mask for o in objects]))
@@ -138,7 +142,7 @@ def score_sequence(pipeline, seed: int, frames: int, size: tuple[int, int], hidd
             last_track[true_id] = view.id
             pair_frames[(true_id, view.id)] += 1
             if true_id == occluded_target:
-                target_ids.append(view.id)
+                target_ids.append((t, view.id))
             classes, counts = np.unique(result.labels[truth[r]], return_counts=True)
             per_frame = str(classes[np.argmax(counts)])
             if true_id in label_tracked:
@@ -155,9 +159,11 @@ def score_sequence(pipeline, seed: int, frames: int, size: tuple[int, int], hidd
             table[truth_list.index(a), track_list.index(b)] = count
         rows, cols = linear_sum_assignment(-table)
         score.idtp = int(table[rows, cols].sum())
-    if target_ids:  # the occluded object: same id before and after it was hidden
+    # The occluded object, tracked before and after it was hidden: one id all along.
+    if hidden_frames and any(t < hidden_frames[0] for t, _ in target_ids) and any(
+            t > hidden_frames[-1] for t, _ in target_ids):
         score.occlusions += 1
-        score.occlusions_kept += int(target_ids[0] == target_ids[-1] and len(set(target_ids)) == 1)
+        score.occlusions_kept += int(len({track_id for _, track_id in target_ids}) == 1)
     # find_objects: each class visible in the last frame, asked for by its name; the first answer is right when
     # it is an object of that class (two objects of one class both answer the query).
     last = sequence[-1]

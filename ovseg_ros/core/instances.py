@@ -177,12 +177,7 @@ def split_region(region: np.ndarray, labels: np.ndarray, min_part: float) -> lis
         parts += [components == i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= min_part]
     if len(parts) < 2:
         return [region]
-    owner = np.zeros(region.shape, np.int32)
-    for number, part in enumerate(parts, start=1):
-        owner[part] = number
-    nearest = distance_transform_edt(owner == 0, return_distances=False, return_indices=True)
-    owner = owner[nearest[0], nearest[1]]
-    return [region & (owner == number) for number in range(1, len(parts) + 1)]
+    return nearest_parts(region, parts)
 
 
 def background_mask(result: SegmentationResult, max_area_fraction: float,

@@ -7,11 +7,11 @@ from pathlib import Path
 
 
 def print_against_targets(results: dict, targets: dict[str, float]) -> None:
-    """One line per figure; those with a target say whether it is met."""
+    """One line per figure; those with a target say whether it is met (None: not measured)."""
     print(f"{'metric':28s} {'value':>10s} {'target':>8s}")
     for key, value in results.items():
         target = targets.get(key)
-        mark = "" if target is None else ("  met" if value >= target else "  below")
+        mark = "" if target is None or value is None else ("  met" if value >= target else "  below")
         shown = f"{value:10.4f}" if isinstance(value, float) else f"{value!s:>10}"
         print(f"{key:28s} {shown} {target if target is not None else '':>8}{mark}")
 

@@ -43,7 +43,8 @@ class TrackerConfig:
     whole_share: float = 0.9  # an observation this large (of the largest lately) shows the whole object
     full_area_decay: float = 0.99  # per observation: how fast the largest area seen lately (the decayed
     # maximum of observed areas) is forgotten
-    rim_share: float = 0.2  # a part of a lost object coming back lies this close (share of its size) to its rim
+    rim_share: float = 0.2  # a part of a lost object coming back lies this close to the rim of its whole box
+    # (a share of the box's width from its left and right sides, of its height from its top and bottom)
 
 
 @dataclass(frozen=True)
@@ -158,12 +159,12 @@ def box_containment(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def box_at_border(a: np.ndarray, b: np.ndarray, tolerance: float) -> np.ndarray:
-    """(N, 4) x (M, 4) boxes -> (N, M) whether each b reaches to within `tolerance` (a share of a's larger
-    side) of one of a's sides."""
-    reach = tolerance * np.maximum(a[:, 2] - a[:, 0], a[:, 3] - a[:, 1])[:, None]
-    gaps = np.stack([b[None, :, 0] - a[:, None, 0], b[None, :, 1] - a[:, None, 1],
-                     a[:, None, 2] - b[None, :, 2], a[:, None, 3] - b[None, :, 3]])
-    return (gaps <= reach[None]).any(axis=0)
+    """(N, 4) x (M, 4) boxes -> (N, M) whether each b reaches to within `tolerance` of one of a's sides (a share
+    of a's width for its left and right sides, of its height for its top and bottom)."""
+    width, height = (a[:, 2] - a[:, 0])[:, None], (a[:, 3] - a[:, 1])[:, None]
+    return ((b[None, :, 0] - a[:, None, 0] <= tolerance * width) | (a[:, None, 2] - b[None, :, 2] <= tolerance * width)
+            | (b[None, :, 1] - a[:, None, 1] <= tolerance * height)
+            | (a[:, None, 3] - b[None, :, 3] <= tolerance * height))
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ def declare_settings(node: Node) -> str | None:
         except ParameterException as exc:
             problems.append(f"parameter {spec.name}: {exc}")
             value = node.declare_parameter(spec.name, default, descriptor(spec), ignore_override=True).value
-        reason = spec.check(value)
+        reason = spec.check(plain(value))
         if reason:
             problems.append(reason)
         return value
@@ -57,5 +57,8 @@ def read_settings(node: Node) -> Settings:
 
 
 def plain(value):
-    """rclpy array parameter values (array.array, numpy) -> list; others unchanged."""
+    """rclpy array parameter values (array.array, numpy) -> list; None -> [] (an empty array given at start-up,
+    `-p cameras:=[]` or `[]` in a params file, arrives unset: an empty list has no type); others unchanged."""
+    if value is None:
+        return []
     return list(value) if hasattr(value, "tolist") or isinstance(value, (list, tuple)) else value

@@ -77,7 +77,9 @@ def set_parameter(client, service, name: str, value) -> tuple[bool, str]:
 def param_node(tmp_path_factory, ros):
     from ovseg_ros.client import OvsegClient
 
-    proc = start_node(tmp_path_factory.mktemp("params"), name="ovseg_p", namespace="params")
+    # `-p track_background:=[]` (none): an empty array given at start-up arrives unset (it has no type)
+    proc = start_node(tmp_path_factory.mktemp("params"), name="ovseg_p", namespace="params",
+                      params={"track_background": []})
     client = OvsegClient("/params", name="params_client")
     service = client.node.create_client(SetParameters, "/params/ovseg_p/set_parameters")
     assert client.wait_ready(60) and service.wait_for_service(timeout_sec=10), proc.output()
@@ -94,6 +96,8 @@ def param_node(tmp_path_factory, ros):
     ("max_rate_hz", -3.0, ""),
     ("clip_model", "ViT-L-14", "read-only"),
     ("input_size", 99999, ""),
+    ("track_background", 5, "string array or one comma-separated string"),
+    ("track_background", 2.5, "string array or one comma-separated string"),
 ])
 def test_bad_parameter_values_are_refused_with_a_reason(param_node, name, value, reason):
     proc, client, service = param_node
@@ -106,6 +110,8 @@ def test_bad_parameter_values_are_refused_with_a_reason(param_node, name, value,
 
 def test_good_parameter_values_apply_at_run_time(param_node):
     proc, client, service = param_node
+    assert "configure failed" not in proc.output()  # started with track_background: [] (none)
+    assert set_parameter(client, service, "track_background", "wall, floor")[0]
     assert set_parameter(client, service, "selection_threshold", 0.5)[0]
     assert set_parameter(client, service, "dense_variant", "clearclip")[0]
     assert set_parameter(client, service, "score_threshold", 0.99)[0]

@@ -283,6 +283,17 @@ def test_another_object_standing_inside_where_a_lost_one_was_does_not_take_its_i
     assert any(t.id == track_id and t.state == LOST for t in tracker.tracks)
 
 
+def test_the_rim_of_a_tall_box_is_measured_on_each_side_by_that_sides_length():
+    from ovseg_ros.core.tracking import box_at_border
+
+    tall = np.array([[20, 20, 60, 120]], np.float32)  # a standing person or a bottle: 40 wide, 100 high
+    parts = np.array([[36, 60, 44, 70],  # in the middle: 16 px from the sides, 40 px from top and bottom
+                      [21, 60, 30, 70],  # at the left side
+                      [36, 110, 44, 119],  # at the bottom
+                      [10, 60, 30, 70]], np.float32)  # reaching past the left side
+    assert box_at_border(tall, parts, 0.2).tolist() == [[False, True, True, True]]
+
+
 def test_a_new_track_started_by_a_returning_part_hands_over_to_the_lost_track():
     tracker = Tracker(TrackerConfig(min_hits=2, max_lost=15))
     look = basis(0)

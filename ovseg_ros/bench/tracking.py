@@ -51,6 +51,7 @@ class SequenceScore:
     find_queries: int = 0
     find_top1: int = 0
     tracker_ms: list[float] = field(default_factory=list)
+    occlusions_lost: list[int] = field(default_factory=list)  # seeds whose hidden object came back under another id
 
     def add(self, other: SequenceScore) -> None:
         for name, value in other.__dict__.items():
@@ -74,6 +75,7 @@ class SequenceScore:
             "flicker_tracked": round(self.label_changes_tracked / max(self.label_pairs, 1), 4),
             "occlusion_ids_kept": round(self.occlusions_kept / self.occlusions, 4) if self.occlusions else None,
             "occlusions": self.occlusions,  # sequences whose hidden object was tracked before and after
+            "occlusions_lost": self.occlusions_lost,
             "tracker_ms_p50": round(float(np.median(self.tracker_ms)), 3) if self.tracker_ms else 0.0,
             "find_top1": round(self.find_top1 / max(self.find_queries, 1), 4),
             "find_queries": self.find_queries,
@@ -99,7 +101,8 @@ def one_to_one(iou: np.ndarray) -> list[tuple[int, int]]:
     return [(int(r), int(c)) for r, c in zip(rows, cols, strict=True) if iou[r, c] >= MATCH_IOU]
 
 
-def score_sequence(pipeline, seed: int, frames: int, size: tuple[int, int], hidden: int) -> SequenceScore:
+def score_sequence(pipeline, seed: int, frames: int, size: tuple[int, int], hidden: int,
+                   trace: bool = False) -> SequenceScore:
     sequence = render_sequence(seed, frames, size, count=4, split="eval", occluder=True, hidden_frames=hidden)
     camera = pipeline.cameras[0]
     pipeline.trackers[camera] = Tracker(pipeline.trackers[camera].config)  # a fresh tracker per sequence
@@ -164,7 +167,14 @@ def score_sequence(pipeline, seed: int, frames: int, size: tuple[int, int], hidd
     if hidden_frames and any(t < hidden_frames[0] for t, _ in target_ids) and any(
             t > hidden_frames[-1] for t, _ in target_ids):
         score.occlusions += 1
-        score.occlusions_kept += int(len({track_id for _, track_id in target_ids}) == 1)
+        kept = len({track_id for _, track_id in target_ids}) == 1
+        score.occlusions_kept += int(kept)
+        if not kept:
+            score.occlusions_lost.append(seed)
+    if trace:  # per frame, the track id the occluded object was matched to ('.': none, '_': wholly hidden)
+        ids = dict(target_ids)
+        print(f"seed {seed} {sequence[0].names[occluded_target]!r}: " + " ".join(
+            "_" if t in hidden_frames else str(ids.get(t, ".")) for t in range(len(sequence))))
     # find_objects: each class visible in the last frame, asked for by its name; the first answer is right when
     # it is an object of that class (two objects of one class both answer the query).
     last = sequence[-1]
@@ -217,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--height", type=int, default=224)
     parser.add_argument("--width", type=int, default=224)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--trace", action="store_true",
+                        help="print, per sequence, the track id of the occluded object in every frame")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if args.threads:
@@ -226,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                               warm_up=False)
     total = SequenceScore()
     for index in range(args.sequences):
-        total.add(score_sequence(pipeline, 5_000 + index, args.frames, (args.height, args.width), args.hidden))
+        total.add(score_sequence(pipeline, 5_000 + index, args.frames, (args.height, args.width), args.hidden,
+                                 args.trace))
     results = {"clip": pipeline.segmenter.encoder.model_id, "preset": args.preset, "sequences": args.sequences,
                "frames": args.frames, "hidden_frames": args.hidden, **total.measures(),
                "tracker_ms_20_objects": tracker_time_at(20)}

@@ -21,4 +21,5 @@ def test_tracking_benchmark_writes_its_measures_and_keeps_the_hidden_objects_ids
     for key, floor in FLOORS.items():
         assert results[key] >= floor, (key, results)
     assert results["occlusions"] == 2 and results["occlusion_ids_kept"] == 1.0, results
+    assert results["occlusions_lost"] == [], results
     assert results["flicker_tracked"] <= results["flicker_untracked"], results

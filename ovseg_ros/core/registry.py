@@ -88,7 +88,8 @@ def locate(entry: ModelEntry) -> Path:
     raise ModelError(
         f"model '{entry.name}' ({entry.file}) is not installed; looked in "
         + ", ".join(str(d) for d in models_dirs())
-        + (f". On a machine with internet: ovseg-models fetch {entry.name}" if entry.url else "")
+        + (f". On a machine with internet: ros2 run ovseg_ros ovseg-models fetch {entry.name} (installed with pip: "
+           f"ovseg-models fetch {entry.name})" if entry.url else "")
     )
 
 

@@ -103,8 +103,8 @@ def test_launch_file_declares_what_the_readme_says():
     description = load_launch_description()
     entities = description.args[0]
     declared = {e.args[0]: e.kwargs["default_value"] for e in entities if type(e).__name__ == "DeclareLaunchArgument"}
-    assert set(declared) == {"camera", "cameras", "namespace", "preset", "params_file", "log_level", "autostart",
-                             "use_fastdds_profile"}
+    assert set(declared) == {"camera", "cameras", "depth", "namespace", "preset", "params_file", "log_level",
+                             "autostart", "use_fastdds_profile"}
     assert declared["preset"] == ""  # the params file's preset unless the argument names one
     assert declared["camera"] == "/camera/image_raw" and declared["cameras"] == ""
     assert Path(declared["params_file"]).is_file()
@@ -112,8 +112,22 @@ def test_launch_file_declares_what_the_readme_says():
     assert Path(env["FASTDDS_DEFAULT_PROFILES_FILE"]).is_file() and env["HF_HUB_OFFLINE"] == "1"
     node = declared_node(entities, declared)
     assert node.kwargs["package"] == "ovseg_ros" and node.kwargs["executable"] == "ovseg_node"
-    assert node.kwargs["remappings"] == [("image", "/camera/image_raw")]
-    for bad in ({"camera": "/a,/b"}, {"cameras": "front,rear", "camera": "/only/one"}):
+    assert node.kwargs["remappings"] == [("image", "/camera/image_raw"),
+                                         ("image/compressed", "/camera/image_raw/compressed")]
+    assert "use_depth" not in node.kwargs["parameters"][1]
+    # With depth (an RGB-D camera): its image and the camera_info beside it, and use_depth on.
+    rgbd = declared_node(entities, {**declared, "cameras": "front,rear",
+                                    "camera": "/f/color/image_raw,/r/color/image_raw",
+                                    "depth": "/f/aligned_depth_to_color/image_raw,/r/depth/image_rect_raw"})
+    assert rgbd.kwargs["parameters"][1]["use_depth"] is True
+    assert rgbd.kwargs["remappings"] == [
+        ("front/image", "/f/color/image_raw"), ("front/image/compressed", "/f/color/image_raw/compressed"),
+        ("front/depth/image", "/f/aligned_depth_to_color/image_raw"),
+        ("front/depth/camera_info", "/f/aligned_depth_to_color/camera_info"),
+        ("rear/image", "/r/color/image_raw"), ("rear/image/compressed", "/r/color/image_raw/compressed"),
+        ("rear/depth/image", "/r/depth/image_rect_raw"), ("rear/depth/camera_info", "/r/depth/camera_info")]
+    for bad in ({"camera": "/a,/b"}, {"cameras": "front,rear", "camera": "/only/one"},
+                {"depth": "/d1,/d2"}):
         try:  # a camera without a topic (or the reverse) is refused before anything starts
             declared_node(entities, {**declared, **bad})
             raise AssertionError(f"accepted {bad}")
@@ -171,8 +185,12 @@ def launched_graph(tmp_path: Path, overrides: dict[str, str], namespace: str) ->
 
 
 def test_the_declared_command_line_runs_and_builds_the_expected_graph(tmp_path, ros):
-    subs, pubs, services = launched_graph(tmp_path, {"camera": "/front_camera/color/image_raw"}, "front")
+    subs, pubs, services = launched_graph(tmp_path, {"camera": "/front_camera/color/image_raw",
+                                                     "depth": "/front_camera/aligned_depth/image_raw"}, "front")
     assert subs["/front_camera/color/image_raw"] == ["sensor_msgs/msg/Image"]
+    assert subs["/front_camera/aligned_depth/image_raw"] == ["sensor_msgs/msg/Image"]
+    assert subs["/front_camera/aligned_depth/camera_info"] == ["sensor_msgs/msg/CameraInfo"]
+    assert pubs["/front/labels_cloud"] == ["sensor_msgs/msg/PointCloud2"]
     for topic, kind in (("/front/labels", "sensor_msgs/msg/Image"), ("/front/overlay", "sensor_msgs/msg/Image"),
                         ("/front/segmentation", "ovseg_interfaces/msg/Segmentation"),
                         ("/front/label_info", "ovseg_interfaces/msg/LabelInfo"),
@@ -208,7 +226,7 @@ def test_the_robot_config_without_official_weights_refuses_with_the_fetch_comman
     assert proc.stop() == 1
     fatal = [line for line in proc.output().splitlines() if "FATAL" in line]
     assert len(fatal) == 1, proc.output()
-    for words in ("clip-vit-b16-openai", str(tmp_path / "empty_models"), "ovseg-models fetch clip-vit-b16-openai"):
+    for words in ("clip-vit-b16-openai", str(tmp_path / "empty_models"), "ros2 run ovseg_ros ovseg-models fetch clip-vit-b16-openai"):
         assert words in fatal[0], fatal[0]
     assert "Traceback" not in proc.output()
 

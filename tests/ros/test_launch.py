@@ -226,7 +226,8 @@ def test_the_robot_config_without_official_weights_refuses_with_the_fetch_comman
     assert proc.stop() == 1
     fatal = [line for line in proc.output().splitlines() if "FATAL" in line]
     assert len(fatal) == 1, proc.output()
-    for words in ("clip-vit-b16-openai", str(tmp_path / "empty_models"), "ros2 run ovseg_ros ovseg-models fetch clip-vit-b16-openai"):
+    for words in ("clip-vit-b16-openai", str(tmp_path / "empty_models"),
+                  "ros2 run ovseg_ros ovseg-models fetch clip-vit-b16-openai"):
         assert words in fatal[0], fatal[0]
     assert "Traceback" not in proc.output()
 

@@ -46,6 +46,9 @@ class SequenceScore:
     label_changes_tracked: int = 0
     label_changes_untracked: int = 0
     label_pairs: int = 0
+    labels_seen: int = 0  # matched object-frames
+    labels_right_tracked: int = 0  # ... whose published (tracked) label is the object's true name
+    labels_right_untracked: int = 0  # ... whose per-frame label map names it right (its majority class)
     occlusions: int = 0
     occlusions_kept: int = 0
     find_queries: int = 0
@@ -73,6 +76,8 @@ class SequenceScore:
             "fragmentations": self.fragmentations,
             "flicker_untracked": round(self.label_changes_untracked / max(self.label_pairs, 1), 4),
             "flicker_tracked": round(self.label_changes_tracked / max(self.label_pairs, 1), 4),
+            "label_accuracy_untracked": round(self.labels_right_untracked / max(self.labels_seen, 1), 4),
+            "label_accuracy_tracked": round(self.labels_right_tracked / max(self.labels_seen, 1), 4),
             "occlusion_ids_kept": round(self.occlusions_kept / self.occlusions, 4) if self.occlusions else None,
             "occlusions": self.occlusions,  # sequences whose hidden object was tracked before and after
             "occlusions_lost": self.occlusions_lost,
@@ -107,6 +112,7 @@ def score_sequence(pipeline, seed: int, frames: int, size: tuple[int, int], hidd
     camera = pipeline.cameras[0]
     pipeline.trackers[camera] = Tracker(pipeline.trackers[camera].config)  # a fresh tracker per sequence
     score = SequenceScore()
+    names = pipeline.vocabulary.display_names
     last_track: dict[int, int] = {}  # true id -> track id it was last matched to
     tracked_before: dict[int, bool] = {}
     pair_frames: dict[tuple[int, int], int] = defaultdict(int)
@@ -148,6 +154,10 @@ def score_sequence(pipeline, seed: int, frames: int, size: tuple[int, int], hidd
                 target_ids.append((t, view.id))
             classes, counts = np.unique(result.labels[truth[r]], return_counts=True)
             per_frame = str(classes[np.argmax(counts)])
+            score.labels_seen += 1
+            score.labels_right_tracked += int(view.label == frame.names[true_id])
+            score.labels_right_untracked += int(names[int(per_frame)] == frame.names[true_id]
+                                                if int(per_frame) < len(names) else 0)
             if true_id in label_tracked:
                 score.label_pairs += 1
                 score.label_changes_tracked += int(label_tracked[true_id] != view.label)

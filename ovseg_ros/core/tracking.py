@@ -38,7 +38,7 @@ class TrackerConfig:
     max_cost: float = 1.6  # pairs costing more are left unmatched
     evidence_decay: float = 0.9  # per observation: older evidence counts less (not while hidden: an occlusion
     # does not erase what was learned about the object)
-    label_margin: float = 1.25  # another label takes over only when its evidence beats the current one by this
+    label_margin: float = 2.0  # another label takes over only when its evidence beats the current one by this
     embedding_momentum: float = 0.8  # the track's mean embedding follows slowly
     whole_share: float = 0.9  # an observation this large (of the largest lately) shows the whole object
     full_area_decay: float = 0.99  # per observation: how fast the largest area seen lately (the decayed

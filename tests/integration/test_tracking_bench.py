@@ -15,7 +15,7 @@ def test_tracking_benchmark_writes_its_measures_and_keeps_the_hidden_objects_ids
     assert main(["--sequences", "2", "--hidden", "10", "--pamr-steps", "10", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     for key in ("idf1", "mota", "id_switches", "flicker_untracked", "flicker_tracked", "tracker_ms_p50",
-                "find_top1", "occlusion_ids_kept", "tracker_ms_20_objects"):
+                "find_top1", "occlusion_ids_kept", "tracker_ms_20_objects", "label_accuracy_tracked"):
         assert key in results, key
     print(results)
     for key, floor in FLOORS.items():
@@ -23,3 +23,4 @@ def test_tracking_benchmark_writes_its_measures_and_keeps_the_hidden_objects_ids
     assert results["occlusions"] == 2 and results["occlusion_ids_kept"] == 1.0, results
     assert results["occlusions_lost"] == [], results
     assert results["flicker_tracked"] <= results["flicker_untracked"], results
+    assert results["label_accuracy_tracked"] >= results["label_accuracy_untracked"], results  # steadier AND righter

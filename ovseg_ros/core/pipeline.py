@@ -315,6 +315,8 @@ class SegmentationPipeline:
         start = time.perf_counter()
         scale = self.segmenter.encoder.logit_scale
         background_classes = classes_named(prepared.vocabulary, settings.track_background)
+        with self._tracker_lock:
+            self.trackers[frame.camera].sync_frame(result.labels.shape)
         if answers is not None:
             masks = object_masks([a.mask for a in answers],
                                  background_mask(result, settings.track_max_area, background_classes),

@@ -182,6 +182,15 @@ class Tracker:
         self.vocabulary_version = 0  # the vocabulary the tracks' evidence is over
         self.prepared: PreparedVocabulary | None = None  # that vocabulary (names and text for queries)
         self._next_id = 1
+        self.frame_shape: tuple[int, int] | None = None  # (H, W) of the frames the tracks were seen in
+
+    def sync_frame(self, shape: tuple[int, int]) -> None:
+        """Before an update with a frame of another size (the camera's resolution changed): the tracks' boxes
+        and masks are in the old frame's pixels and cannot be matched by place, so they end (their ids are not
+        given out again soon: the id counter goes on)."""
+        if self.frame_shape is not None and tuple(shape) != self.frame_shape:
+            self.tracks = []
+        self.frame_shape = tuple(shape)
 
     def sync_vocabulary(self, prepared: PreparedVocabulary, logit_scale: float) -> None:
         """Before an update with a frame of another vocabulary: relabel every track for it."""

@@ -167,6 +167,15 @@ def test_tracked_objects_keep_ids_and_follow_a_vocabulary_change():
     assert pipeline.trackers[""].vocabulary_version == 2
     assert all(t.evidence.shape == (4,) for t in pipeline.trackers[""].tracks)  # relabelled for the new names
     assert all(v.label in ("sky", "grass", "red circle", "blue circle") for v in output.objects)
+    # The camera's resolution changes: the old tracks (boxes in the old pixels) end; new ids, none reused.
+    old_ids = {t.id for t in pipeline.trackers[""].tracks}
+    larger = render_sequence(5001, frames=3, size=(200, 240), count=2, split="train", occluder=False)
+    for t, frame in enumerate(larger):
+        output = pipeline.process_batch([FrameInput("", frame.image, (200 + t, 0))])[0]
+        assert not output.error and output.object_ids.shape == (200, 240)
+    tracks = pipeline.trackers[""].tracks
+    assert tracks and not {t.id for t in tracks} & old_ids
+    assert all(t.packed_mask.shape == (200, 240) for t in tracks)
 
 
 def test_every_output_of_a_frame_becomes_a_message_with_the_source_header(pipeline):

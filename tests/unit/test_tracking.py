@@ -353,3 +353,17 @@ def test_background_names_are_a_string_array_or_one_string_and_anything_else_is_
     for bad in (5, [1, 2], ["sand", 3.0], True):
         with pytest.raises(ValueError, match="track_background must be a string array"):
             make_settings({"track_background": bad})
+
+
+def test_a_frame_of_another_size_ends_the_tracks_and_their_ids_are_not_given_again():
+    tracker = Tracker(TrackerConfig(min_hits=1))
+    tracker.sync_frame(SHAPE)
+    first = tracker.update([box_instance((10, 10, 30, 30), basis(0), one_hot(0))])[0].id
+    tracker.sync_frame(SHAPE)  # the same size: nothing changes
+    assert [t.id for t in tracker.tracks] == [first]
+    tracker.sync_frame((SHAPE[0] * 2, SHAPE[1] * 2))
+    assert tracker.tracks == []
+    mask = np.zeros((SHAPE[0] * 2, SHAPE[1] * 2), bool)
+    mask[20:60, 20:60] = True
+    again = tracker.update([Instance(mask, np.array([20, 20, 60, 60], np.float32), 0, 0.9, basis(0), one_hot(0))])
+    assert again[0].id != first

@@ -43,6 +43,8 @@ class TrackerConfig:
     whole_share: float = 0.9  # an observation this large (of the largest lately) shows the whole object
     full_area_decay: float = 0.99  # per observation: how fast the largest area seen lately (the decayed
     # maximum of observed areas) is forgotten
+    parting_frames: int = 3  # frames a new track that came out of another's region may still be parting from it
+    search_growth: float = 0.2  # per frame lost, a lost track is looked for this much (of its size) farther
     rim_share: float = 0.2  # a part of a lost object coming back lies this close to the rim of its whole box
     # (a share of the box's width from its left and right sides, of its height from its top and bottom)
 
@@ -75,6 +77,11 @@ class PackedMask:
         x1, y1, x2, y2 = self.box
         return np.unpackbits(self.bits, count=(y2 - y1) * (x2 - x1)).reshape(y2 - y1, x2 - x1).view(bool)
 
+    def overlap(self, mask: np.ndarray) -> int:
+        """Pixels of an (H, W) bool mask that are also in this one."""
+        x1, y1, x2, y2 = self.box
+        return int(np.count_nonzero(self.crop() & mask[y1:y2, x1:x2]))
+
     def unpack(self) -> np.ndarray:
         """(H, W) bool."""
         mask = np.zeros(self.shape, bool)
@@ -103,6 +110,7 @@ class Track:
     full_box: np.ndarray | None = None  # (4,) box of the last observation that showed the whole object
     full_area: float = 0.0  # decayed maximum of observed areas (pixels): an object moving away can shrink
     full_age: int = 1  # the track's age at that observation (age counts every frame since the track started)
+    parent: int = 0  # the track whose region this one came out of (0: none), while the two are still parting
 
     def __post_init__(self) -> None:
         if self.label_id < 0:
@@ -119,6 +127,11 @@ class Track:
     @mask.setter
     def mask(self, mask: np.ndarray) -> None:
         self.packed_mask = PackedMask.of(mask)
+
+    def forget_whole_view(self) -> None:
+        """The latest observation is the whole object: what was seen before included another one."""
+        self.full_box, self.full_area, self.full_age = self.box, float(self.packed_mask.area), self.age
+        self.velocity = np.zeros(2, np.float32)
 
     def update_label(self, margin: float) -> None:
         best = int(self.evidence.argmax())
@@ -203,6 +216,7 @@ class Tracker:
         """Associate, update, create, age and prune; returns the tracks to publish (confirmed, seen now)."""
         cfg = self.config
         matches, unmatched = self._associate(instances)
+        last_masks = {self.tracks[t].id: self.tracks[t].packed_mask for t, _ in matches}
         matched_tracks = set()
         for track_index, instance_index in matches:
             self._observe(self.tracks[track_index], instances[instance_index])
@@ -214,14 +228,35 @@ class Tracker:
                 track.age += 1
                 if track.state == CONFIRMED or track.state == LOST:
                     track.state = LOST
-        for index in unmatched:
-            self.tracks.append(self._start(instances[index]))
+        started = [self._start(instances[index]) for index in unmatched]
+        self._note_parting(last_masks, [(self.tracks[t], instances[i]) for t, i in matches]
+                           + list(zip(started, (instances[i] for i in unmatched), strict=True)))
+        self.tracks += started
         # Tentative tracks that miss a frame are noise; lost tracks are kept for max_lost frames.
         self.tracks = [t for t in self.tracks if (t.visible or t.state == LOST) and t.lost_frames <= cfg.max_lost]
         if len(self.tracks) > cfg.max_tracks:
             self.tracks.sort(key=lambda t: (t.visible, -t.lost_frames, t.hits), reverse=True)
             del self.tracks[cfg.max_tracks:]
         return self.published()
+
+    def _note_parting(self, last_masks: dict[int, PackedMask], observed: list[tuple[Track, Instance]]) -> None:
+        """Objects merged in the label map part over a few frames: a new track comes out of a seen track's last
+        mask (most of its pixels were that track's), then grows into it for a frame or two. While it does, the
+        older track's whole view is what it shows now, not the merged region of before: that region would be
+        searched for it once it is lost, and the other object, or one like it, found there.
+        `last_masks`: track id -> its mask before this frame, for the tracks seen in this frame; `observed`: the
+        tracks seen (or started) in this frame with their instances."""
+        seen = {track.id: track for track, _ in observed}
+        for track, instance in observed:
+            if track.hits == 1:  # started in this frame
+                track.parent = next((parent for parent, mask in last_masks.items()
+                                     if mask.overlap(instance.mask) >= 0.5 * instance.area), 0)
+            if not track.parent:
+                continue
+            if track.hits > 1 + self.config.parting_frames or track.parent not in last_masks:
+                track.parent = 0
+            elif last_masks[track.parent].overlap(instance.mask) >= 0.2 * last_masks[track.parent].area:
+                seen[track.parent].forget_whole_view()
 
     def expected_masks(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
         """(box (4,) int, crop (y2 - y1, x2 - x1) bool, label) of where each confirmed track seen in the last
@@ -268,7 +303,7 @@ class Tracker:
         same_label = np.array([[float(t.label_id == i.class_id) for i in instances] for t in self.tracks])
         # Where a track could plausibly be: near its prediction, the search area growing while it is lost.
         size = np.maximum(predicted[:, 2:] - predicted[:, :2], 1.0).max(axis=1)
-        reach = size * (1.0 + 0.5 * np.array([t.lost_frames for t in self.tracks]))
+        reach = size * (1.0 + cfg.search_growth * np.array([t.lost_frames for t in self.tracks]))
         centres_t = (predicted[:, :2] + predicted[:, 2:]) / 2
         centres_i = (boxes[:, :2] + boxes[:, 2:]) / 2
         distance = np.linalg.norm(centres_t[:, None] - centres_i[None], axis=-1)

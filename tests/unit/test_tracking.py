@@ -294,6 +294,29 @@ def test_the_rim_of_a_tall_box_is_measured_on_each_side_by_that_sides_length():
     assert box_at_border(tall, parts, 0.2).tolist() == [[False, True, True, True]]
 
 
+def test_a_track_that_began_as_two_merged_objects_is_not_looked_for_where_the_other_one_was():
+    tracker = Tracker(TrackerConfig(min_hits=2, max_lost=15))
+    look, probs = basis(0), one_hot(0)
+    for _ in range(4):  # a small object of class 0 touching a large one that the label map also calls class 0
+        merged = tracker.update([box_instance((10, 40, 130, 70), look, probs)])
+    track_id = merged[0].id
+    # They part: the large one (another look and class) moves off to the left and out of the frame; the track
+    # goes on with the small one, which is then hidden where it stands.
+    other, other_probs = basis(1), one_hot(1)
+    for box in ((10, 40, 90, 70), (0, 40, 60, 70)):
+        seen = tracker.update([box_instance((100, 40, 130, 70), look, probs), box_instance(box, other, other_probs)])
+        assert track_id in [t.id for t in seen]
+    tracker.update([box_instance((0, 40, 30, 70), other, other_probs)])
+    # An object that looks just like the hidden one comes into view where the merged region was, far from it:
+    # it is another object, not the hidden one coming back.
+    for _ in range(3):
+        seen = tracker.update([box_instance((15, 40, 45, 70), look, probs)])
+    assert track_id not in [t.id for t in seen]
+    back = tracker.update([box_instance((15, 40, 45, 70), look, probs), box_instance((100, 40, 130, 70), look, probs)])
+    assert track_id in [t.id for t in back]
+    assert next(t for t in back if t.id == track_id).box.tolist() == [100, 40, 130, 70]
+
+
 def test_a_new_track_started_by_a_returning_part_hands_over_to_the_lost_track():
     tracker = Tracker(TrackerConfig(min_hits=2, max_lost=15))
     look = basis(0)

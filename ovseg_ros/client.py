@@ -20,6 +20,7 @@ from ovseg_interfaces.msg import LabelInfo, Segmentation
 from ovseg_interfaces.srv import GetVocabulary, SetVocabulary
 
 from .ros.messages import SERVICE_QOS
+from .ros.spinning import SpinLoop
 
 OUTPUT_TOPICS = {"labels": Image, "segmentation": Segmentation, "overlay": Image}
 
@@ -47,14 +48,9 @@ class OvsegClient:
         self.get_client = self.node.create_client(GetVocabulary, prefix + "get_vocabulary", qos_profile=SERVICE_QOS)
         self._executor = SingleThreadedExecutor()
         self._executor.add_node(self.node)
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
-
-    def _spin(self) -> None:
-        try:
-            self._executor.spin()
-        except Exception:  # context shut down underneath us at exit
-            pass
+        self._spin = SpinLoop(self._executor, on_error=self.node.get_logger().warning)
+        self._spin.start(name=f"{name}-spin")
+        self._closed = False
 
     def _subscribe(self, full_topic: str, key: str, msg_type, qos, keep: int) -> None:
         self.received[key] = collections.deque(maxlen=keep)
@@ -129,6 +125,21 @@ class OvsegClient:
             for key in [topic] if topic else list(self.received):
                 self.received[key].clear()
 
-    def close(self) -> None:
-        self._executor.shutdown(timeout_sec=1.0)
-        self.node.destroy_node()
+    def close(self, timeout: float = 5.0) -> bool:
+        """Stop the spin thread (it sees the flag within 0.1 s), join it within `timeout`, then destroy: never
+        shut an executor down underneath a thread that spins it. False if the thread did not end in time (the node
+        is then left alone rather than destroyed under it)."""
+        if self._closed:
+            return True
+        ended = self._spin.stop(timeout)
+        if ended:
+            self._executor.shutdown(timeout_sec=timeout)
+            self.node.destroy_node()
+            self._closed = True
+        return ended
+
+    def __enter__(self) -> OvsegClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -5,6 +5,7 @@ Used by the demo, the tests and the benchmarks, so they all run the node exactly
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -82,8 +83,56 @@ def format_param(value) -> str:
     return str(value)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int = signal.SIGTERM):
+    """A `preexec_fn`: the child gets `signum` when its parent dies, even by SIGKILL (Linux prctl), so nothing
+    this package starts outlives what started it. The kernel sends it when the *thread* that forked exits: start
+    children from a thread that lives as long as they should."""
+    def preexec() -> None:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+        except (OSError, AttributeError):  # not Linux: the process group below is still killed on stop
+            pass
+    return preexec
+
+
+def kill_group(popen: subprocess.Popen) -> None:
+    """SIGKILL the child's whole process group (it leads one: `start_new_session`), grandchildren included."""
+    try:
+        os.killpg(popen.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        popen.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(..., capture_output=True, text=True)` whose child dies with this process and whose whole
+    process group is killed on timeout (plain `subprocess.run` kills only the child and leaves its children)."""
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          preexec_fn=die_with_parent(signal.SIGKILL), **kwargs) as popen:
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(popen)
+            out, err = popen.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+        except BaseException:
+            kill_group(popen)
+            raise
+    return subprocess.CompletedProcess(cmd, popen.returncode, out, err)
+
+
 class Process:
-    """A child process with its output in a log file, stopped by SIGINT like `ros2 launch` does."""
+    """A child process with its output in a log file, stopped by SIGINT like `ros2 launch` does.
+
+    It leads its own process group and gets SIGTERM if this process dies, so a killed demo or test never
+    leaves a node running."""
 
     def __init__(self, cmd: list[str], env: dict[str, str], log_path: str | Path) -> None:
         self.cmd = cmd
@@ -91,20 +140,22 @@ class Process:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
         self.popen = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, start_new_session=True,
+                                      preexec_fn=die_with_parent(signal.SIGTERM))
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def stop(self, timeout: float = 15.0) -> int:
-        """SIGINT, then wait; SIGKILL only if it hangs. Returns the exit code."""
+        """SIGINT, then wait; SIGKILL to its whole group only if it hangs. Returns the exit code."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGINT)
             try:
                 self.popen.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+                kill_group(self.popen)
+        else:  # reap and make sure nothing of its group is left
+            kill_group(self.popen)
         self._log.close()
         return self.popen.returncode
 

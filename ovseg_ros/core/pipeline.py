@@ -38,6 +38,7 @@ from .prompt import CachedFrame, Prompt, PromptAnswer, PromptError, PromptSegmen
 from .settings import Settings, check_consistent, replace_settings
 from .text_cache import TextEmbeddingCache
 from .tracking import CONFIRMED, Track, Tracker
+from .turns import ModelTurns
 from .vocabulary import (
     Exemplar,
     Vocabulary,
@@ -190,6 +191,7 @@ class SegmentationPipeline:
         self._settings = (settings, segmenter.with_config(check_consistent(settings)))
         self._prepared = self._segmenter.prepare(vocabulary)
         self._vocab_lock = threading.Lock()  # serialises changes; readers just take the reference
+        self.turns = ModelTurns()  # vocabulary writes take the model ahead of the next frame
         self.prompters: dict[str, PromptSegmenter] = {}  # camera (or REQUESTS) -> its own frame cache
         if prompter is not None:  # one SAM and one CLIP; a frame cache per camera and one for sent images
             self.prompters[self.cameras[0]] = prompter
@@ -263,7 +265,8 @@ class SegmentationPipeline:
         if not frames:
             return []
         try:
-            results = segmenter.segment_batch([frame.image for frame in frames], prepared)
+            with self.turns.routine():  # a vocabulary write waiting goes first
+                results = segmenter.segment_batch([frame.image for frame in frames], prepared)
         except Exception as exc:  # one bad batch must never stop the stream
             return [FrameOutput(frame, error=f"frame failed: {exc!r}") for frame in frames]
         outputs = []
@@ -449,7 +452,7 @@ class SegmentationPipeline:
                        clear_exemplars: bool = False) -> VocabularyChange:
         """Validate, embed, persist, swap -- in that order: a change that cannot be kept is not made. Never raises.
         Example images already in the vocabulary stay for the labels that remain unless `clear_exemplars`."""
-        with self._vocab_lock:
+        with self._vocab_lock, self.turns.urgent():
             current = self._prepared
             try:
                 vocabulary = make_vocabulary(labels, templates, previous=current.vocabulary, limits=self.limits)

@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
 import sys
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 import rclpy
 import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
 from visualization_msgs.msg import MarkerArray
 
@@ -36,6 +40,11 @@ from .diagnostics import ReasonLog, StreamStats, camera_statuses, diagnostic_arr
 from .image_conversions import ImageError, rgb_to_image
 from .parameters import declare_settings, plain, read_settings
 from .scheduler import LatestFrameScheduler, Pending
+from .spinning import SpinLoop
+
+SHUTTING_DOWN = "the node is shutting down"
+EXECUTOR_THREADS = 8  # more than the callback groups that can block (transitions, writes, finds, prompts)
+READ_SERVICES = ("get_state", "get_available_states", "get_available_transitions", "get_transition_graph")
 
 
 @dataclass
@@ -59,8 +68,13 @@ class CameraIO:
 class OvsegNode(LifecycleNode):
     """Dense open-vocabulary segmentation of camera streams, with a run-time vocabulary and prompts.
 
-    configure builds the pipeline (models loaded and warmed up), activate subscribes to the cameras, deactivate
-    unsubscribes, cleanup releases the models. With `autostart` (the default) `main` configures and activates it.
+    configure builds the pipeline (models loaded and warmed up) and creates every topic and service, activate
+    lets camera frames through, deactivate stops them, cleanup releases the models. With `autostart` (the
+    default) `main` configures and activates it.
+
+    Transitions never destroy an entity under the spinning executor: camera subscriptions live from configure to
+    cleanup and are gated by the state, and cleanup hands its entities to the spin loop, which destroys them
+    between turns (no executor thread then holds a wait set with them).
     """
 
     def __init__(self, **kwargs) -> None:
@@ -71,10 +85,28 @@ class OvsegNode(LifecycleNode):
         self.cameras: dict[str, CameraIO] = {}
         self.scheduler: LatestFrameScheduler | None = None
         self.lifecycle_state = "unconfigured"
+        self.spin_loop: SpinLoop | None = None  # set by main; entities are destroyed between its turns
+        self.shutting_down = False
+        self._active = False  # camera frames pass only while active
         self._entities: list[tuple[str, object]] = []  # created by configure, destroyed by cleanup
         self._log_reason = ReasonLog()
+        # Reads never wait behind a transition, a write or a frame. Their own mutually exclusive group (each read
+        # takes microseconds): a reentrant one lost some of 50 simultaneous get_vocabulary requests here.
+        self._reads = MutuallyExclusiveCallbackGroup()
+        self._move_lifecycle_reads()
         self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.pub_prompt_result = self.create_publisher(PromptResult, "prompt_result", 10)
         self.create_timer(1.0, self._publish_diagnostics)
+        self._create_services()
+
+    def _move_lifecycle_reads(self) -> None:
+        """rclpy puts every lifecycle service in one mutually exclusive group, so `get_state` would wait behind a
+        seconds-long configure; the reads move to the reads' group (`change_state` stays where it was)."""
+        for service in self.services:
+            if service.srv_name.rsplit("/", 1)[-1] in READ_SERVICES and service.callback_group is not self._reads:
+                service.callback_group.entities.discard(weakref.ref(service))
+                service.callback_group = self._reads
+                self._reads.add_entity(service)
 
     # ------------------------------------------------------------------ lifecycle
     def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -109,35 +141,23 @@ class OvsegNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        settings = self.pipeline.settings
-        qos = messages.image_qos(settings.image_qos, settings.qos_depth, settings.image_reliability)
-        for camera in self.cameras.values():
-            def store(msg, camera=camera) -> None:
-                camera.stats.on_received(replaced_unprocessed=self.scheduler.offer(camera.name, msg))
-
-            if settings.input_type == "compressed":
-                camera.subscription = self.create_subscription(CompressedImage, camera.topic("image/compressed"),
-                                                               store, qos)
-            else:
-                camera.subscription = self.create_subscription(Image, camera.topic("image"), store, qos)
         result = super().on_activate(state)
         self._publish_label_info()
+        self._active = True
         self.lifecycle_state = "active"
         self.get_logger().info("active: segmenting the camera stream")
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        for camera in self.cameras.values():
-            if camera.subscription is not None:
-                self.destroy_subscription(camera.subscription)
-                camera.subscription = None
+        self._active = False
         self.scheduler.clear()
         self.pipeline.clear_tracks()  # objects seen before the pause are not the ones after it
         self.lifecycle_state = "inactive"
-        self.get_logger().info("inactive: cameras unsubscribed")
+        self.get_logger().info("inactive: camera frames are ignored")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._active = False
         self.stop()
         self._destroy_entities()
         self._release()
@@ -146,15 +166,23 @@ class OvsegNode(LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
     def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self.stop()
+        self.begin_shutdown()
         self._release()
         self.lifecycle_state = "finalized"
         return TransitionCallbackReturn.SUCCESS
 
     def stop(self) -> None:
+        """Stop the frame worker and wait for its batch: nothing is published after this returns."""
         if self.scheduler is not None:
-            self.scheduler.stop()
+            self.scheduler.stop(timeout=120.0)
             self.scheduler = None
+
+    def begin_shutdown(self) -> None:
+        """From now on requests are answered "the node is shutting down" and frames are ignored; the worker is
+        stopped before the context goes, so it never publishes into a dead context."""
+        self.shutting_down = True
+        self._active = False
+        self.stop()
 
     def _release(self) -> None:
         self.pipeline = None
@@ -174,36 +202,52 @@ class OvsegNode(LifecycleNode):
 
     # ------------------------------------------------------------------ set-up
     def _create_entities(self) -> None:
-        settings, has_prompts = self.pipeline.settings, self.pipeline.has_prompts
+        settings = self.pipeline.settings
         per_camera = {"labels": Image, "segmentation": Segmentation, "overlay": Image, "instances": Segmentation,
                       "objects": TrackedObjects, "object_ids": Image, "confidence": Image}
         if settings.use_depth:
             per_camera.update(labels_cloud=PointCloud2, labels_markers=MarkerArray, objects_markers=MarkerArray)
+        qos = messages.image_qos(settings.image_qos, settings.qos_depth, settings.image_reliability)
+        inputs = ReentrantCallbackGroup()  # storing a frame never waits for anything
         for camera in self.cameras.values():
             camera.publishers = {base: self._publisher(kind, camera.topic(base), messages.OUTPUT_DEPTH)
                                  for base, kind in per_camera.items()}
+
+            def store(msg, camera=camera) -> None:
+                scheduler = self.scheduler
+                if self._active and scheduler is not None:
+                    camera.stats.on_received(replaced_unprocessed=scheduler.offer(camera.name, msg))
+
+            if settings.input_type == "compressed":
+                camera.subscription = self._keep("subscription", self.create_subscription(
+                    CompressedImage, camera.topic("image/compressed"), store, qos, callback_group=inputs))
+            else:
+                camera.subscription = self._keep("subscription", self.create_subscription(
+                    Image, camera.topic("image"), store, qos, callback_group=inputs))
             if settings.use_depth:
                 camera.depth = DepthPairer(settings.depth_buffer_size, settings.depth_tolerance_s)
-                qos = messages.image_qos(settings.image_qos, settings.qos_depth, settings.image_reliability)
                 self._keep("subscription", self.create_subscription(Image, camera.topic("depth/image"),
-                                                                    camera.depth.add_depth, qos))
+                                                                    camera.depth.add_depth, qos,
+                                                                    callback_group=inputs))
                 self._keep("subscription", self.create_subscription(CameraInfo, camera.topic("depth/camera_info"),
-                                                                    camera.depth.add_info, 10))
+                                                                    camera.depth.add_info, 10,
+                                                                    callback_group=inputs))
         self.pub_label_info = self._publisher(LabelInfo, "label_info", messages.LATCHED_QOS)  # one for all cameras
-        self.pub_prompt_result = self._publisher(PromptResult, "prompt_result", 10)
-        services = MutuallyExclusiveCallbackGroup()  # text encoding never blocks the image callback
-        self._keep("service", self.create_service(SetVocabulary, "set_vocabulary", self._on_set_vocabulary,
-                                                  qos_profile=messages.SERVICE_QOS, callback_group=services))
-        self._keep("service", self.create_service(GetVocabulary, "get_vocabulary", self._on_get_vocabulary,
-                                                  qos_profile=messages.SERVICE_QOS, callback_group=services))
-        self._keep("service", self.create_service(FindObjects, "find_objects", self._on_find_objects,
-                                                  qos_profile=messages.SERVICE_QOS, callback_group=services))
-        if has_prompts:
-            prompts = MutuallyExclusiveCallbackGroup()
-            self._keep("service", self.create_service(SegmentPrompt, "segment_prompt", self._on_segment_prompt,
-                                                      qos_profile=messages.SERVICE_QOS, callback_group=prompts))
-            self._keep("subscription", self.create_subscription(PromptQuery, "prompt", self._on_prompt_topic, 10,
-                                                                callback_group=prompts))
+
+    def _create_services(self) -> None:
+        """Services live as long as the node: a caller is answered in every state (success=false with the
+        reason while unconfigured), and no transition destroys one under the executor."""
+        writes = MutuallyExclusiveCallbackGroup()  # vocabulary changes one at a time, answered in order
+        self.create_service(SetVocabulary, "set_vocabulary", self._on_set_vocabulary,
+                            qos_profile=messages.SERVICE_QOS, callback_group=writes)
+        self.create_service(GetVocabulary, "get_vocabulary", self._on_get_vocabulary,
+                            qos_profile=messages.SERVICE_QOS, callback_group=self._reads)
+        self.create_service(FindObjects, "find_objects", self._on_find_objects, qos_profile=messages.SERVICE_QOS,
+                            callback_group=MutuallyExclusiveCallbackGroup())
+        prompts = MutuallyExclusiveCallbackGroup()
+        self.create_service(SegmentPrompt, "segment_prompt", self._on_segment_prompt,
+                            qos_profile=messages.SERVICE_QOS, callback_group=prompts)
+        self.create_subscription(PromptQuery, "prompt", self._on_prompt_topic, 10, callback_group=prompts)
 
     def _publisher(self, kind, topic: str, qos):
         return self._keep("publisher", self.create_lifecycle_publisher(kind, topic, qos))
@@ -213,22 +257,32 @@ class OvsegNode(LifecycleNode):
         return entity
 
     def _destroy_entities(self) -> None:
-        destroy = {"service": self.destroy_service, "publisher": self.destroy_lifecycle_publisher,
-                   "subscription": self.destroy_subscription}
-        for kind, entity in self._entities:
-            destroy[kind](entity)
-        self._entities.clear()
+        """Destroy what configure created, between the spin loop's turns (at once when nothing spins)."""
+        entities, self._entities = self._entities, []
+        for camera in self.cameras.values():
+            camera.subscription = None
+
+        def destroy() -> None:
+            kinds = {"service": self.destroy_service, "publisher": self.destroy_lifecycle_publisher,
+                     "subscription": self.destroy_subscription}
+            for kind, entity in entities:
+                kinds[kind](entity)
+
+        if self.spin_loop is not None:
+            self.spin_loop.between_turns(destroy)
+        else:
+            destroy()
 
     # ------------------------------------------------------------------ frames
     def _process(self, batch: list[tuple[str, Pending]]) -> None:
         """Decode and pair each camera's frame (a bad one is refused alone), one pipeline call, publish."""
-        pipeline = self.pipeline
-        if pipeline is None:
+        pipeline, cameras = self.pipeline, self.cameras
+        if pipeline is None or self.shutting_down:
             return
         settings = pipeline.settings
         inputs, received = [], {}
         for name, pending in batch:
-            camera, msg = self.cameras[name], pending.item
+            camera, msg = cameras[name], pending.item
             try:
                 rgb = messages.decode_frame(msg, int(settings.max_image_pixels))
             except ImageError as exc:
@@ -237,7 +291,9 @@ class OvsegNode(LifecycleNode):
             inputs.append(FrameInput(name, rgb, frame_key(msg.header.stamp), msg.header, self._pair(camera, msg, rgb)))
             received[name] = pending.received
         for output in pipeline.process_batch(inputs):
-            camera = self.cameras[output.frame.camera]
+            if self.shutting_down:
+                return
+            camera = cameras[output.frame.camera]
             if output.error:
                 self._refuse(camera, output.error, error=True)
                 continue
@@ -280,9 +336,8 @@ class OvsegNode(LifecycleNode):
     # ------------------------------------------------------------------ services
     def _on_set_vocabulary(self, request: SetVocabulary.Request, response: SetVocabulary.Response):
         pipeline = self.pipeline
-        if pipeline is None:
-            response.success, response.message = False, "no model is configured (the node is unconfigured or " \
-                                                        "shutting down)"
+        if pipeline is None or self.shutting_down:
+            response.success, response.message = False, self._no_model_reason()
             return response
         try:
             exemplars = messages.exemplar_requests(request, int(pipeline.settings.max_image_pixels))
@@ -320,12 +375,14 @@ class OvsegNode(LifecycleNode):
         return self._serve("find_objects", response, work, (ValueError,))  # PromptError (camera) is one too
 
     def _on_segment_prompt(self, request: SegmentPrompt.Request, response: SegmentPrompt.Response):
+        cameras = self.cameras  # the configuration the request started in, even if cleanup comes meanwhile
+
         def work(pipeline: SegmentationPipeline) -> None:
             outcome = pipeline.answer_prompts(messages.prompt_request(request, int(pipeline.settings.max_image_pixels)))
             messages.fill_prompt_response(response, outcome, request.image.header)
-            if outcome.overlay is not None:
-                self.cameras[outcome.camera].publishers["overlay"].publish(
-                    rgb_to_image(outcome.overlay, response.header))
+            camera = cameras.get(outcome.camera)
+            if outcome.overlay is not None and camera is not None and not self.shutting_down:
+                camera.publishers["overlay"].publish(rgb_to_image(outcome.overlay, response.header))
 
         return self._serve("segment_prompt", response, work, (PromptError, ImageError, VocabularyError))
 
@@ -334,8 +391,8 @@ class OvsegNode(LifecycleNode):
         with the error (logged); the node never goes down for one request."""
         pipeline = self.pipeline
         try:
-            if pipeline is None:
-                raise PromptError("no model is configured (the node is unconfigured or shutting down)")
+            if pipeline is None or self.shutting_down:
+                raise PromptError(self._no_model_reason())
             work(pipeline)
         except (PromptError, *refusals) as exc:
             response.success, response.message = False, str(exc)
@@ -346,8 +403,13 @@ class OvsegNode(LifecycleNode):
         return response
 
     def _on_prompt_topic(self, query: PromptQuery) -> None:
+        publisher = self.pub_prompt_result
         response = self._on_segment_prompt(messages.request_from_query(query), SegmentPrompt.Response())
-        self.pub_prompt_result.publish(messages.result_from_response(response, query.request_id))
+        if not self.shutting_down:
+            publisher.publish(messages.result_from_response(response, query.request_id))
+
+    def _no_model_reason(self) -> str:
+        return SHUTTING_DOWN if self.shutting_down else "no model is configured (the node is unconfigured)"
 
     def _on_set_parameters(self, params) -> SetParametersResult:
         """Refuse unknown choices, out-of-range values and inconsistent settings with a reason; apply the rest
@@ -391,24 +453,44 @@ def autostart(node: OvsegNode) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """As ros2/demos' lifecycle_py: construct, drive the transitions (with `autostart`), spin, clean stop."""
-    rclpy.init(args=argv if argv is not None else sys.argv)
-    node, code = None, 0
+    """As ros2/demos' lifecycle_py: construct, drive the transitions (with `autostart`), spin, clean stop.
+
+    SIGINT/SIGTERM end the spin loop; then the worker stops, callbacks in flight finish, the node is destroyed
+    and only then the context shuts down (rclpy's own handler would shut the context down first)."""
+    rclpy.init(args=argv if argv is not None else sys.argv, signal_handler_options=SignalHandlerOptions.NO)
+    node, executor, code = None, None, 0
+    stop = threading.Event()
+    loop: SpinLoop | None = None
+
+    def on_signal(signum, frame) -> None:
+        stop.set()
+        if loop is not None:
+            loop.stop()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         node = OvsegNode()
+        executor = MultiThreadedExecutor(num_threads=EXECUTOR_THREADS)
+        executor.add_node(node)
+        loop = SpinLoop(executor, on_error=node.get_logger().error)
+        node.spin_loop = loop
         if node.get_parameter("autostart").value and not autostart(node):
             code = 1  # the models could not be loaded or a parameter is wrong: the log says why
-        else:
-            executor = MultiThreadedExecutor(num_threads=3)
-            executor.add_node(node)
-            executor.spin()
+        elif not stop.is_set():
+            loop.run()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
         if node is not None:
-            node.stop()
+            node.begin_shutdown()
+        if executor is not None:
+            executor.shutdown(timeout_sec=30.0)  # requests in flight are answered
+        if node is not None:
+            node.spin_loop = None
             node.destroy_node()
         rclpy.try_shutdown()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return code
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from rclpy.serialization import deserialize_message, serialize_message
+
+from ovseg_ros.runtime import run_bounded
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -62,7 +63,7 @@ def test_colcon_builds_both_packages(tmp_path):
     env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", AMENT_PREFIX_PATH=str(VENV_BIN.parent))
     cmd = [str(VENV_BIN / "colcon"), "build", "--base-paths", str(src), str(src / "msg"),
            "--cmake-args", "-DBUILD_TESTING=OFF"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_bounded(cmd, cwd=tmp_path, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 packages finished" in proc.stdout
     install = tmp_path / "install"
@@ -78,22 +79,21 @@ def test_colcon_builds_both_packages(tmp_path):
 
 def test_ruff_is_clean():
     ruff = VENV_BIN / "ruff"
-    proc = subprocess.run([str(ruff), "check", str(ROOT)], capture_output=True, text=True, cwd=ROOT)
+    proc = run_bounded([str(ruff), "check", str(ROOT)], timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_model_manifest_cli_lists_and_verifies_without_network():
     cli = [sys.executable, "-m", "ovseg_ros.core.registry"]
-    listed = subprocess.run([*cli, "list"], capture_output=True, text=True, timeout=60)
+    listed = run_bounded([*cli, "list"], timeout=60)
     assert listed.returncode == 0, listed.stderr
     for name in ("ovseg-demo-clip", "ovseg-demo-sam", "clip-vit-b16-openai", "sam-vit-b", "sam-vit-l", "sam-vit-h",
                  "mobile-sam"):
         assert name in listed.stdout
     assert "not installed" in listed.stdout  # official weights are not on this machine
-    verified = subprocess.run([*cli, "verify", "ovseg-demo-clip", "ovseg-demo-sam"], capture_output=True, text=True,
-                              timeout=60)
+    verified = run_bounded([*cli, "verify", "ovseg-demo-clip", "ovseg-demo-sam"], timeout=60)
     assert verified.returncode == 0 and verified.stdout.count("ok") == 2, verified.stdout
-    refused = subprocess.run([*cli, "fetch", "ovseg-demo-clip"], capture_output=True, text=True, timeout=60)
+    refused = run_bounded([*cli, "fetch", "ovseg-demo-clip"], timeout=60)
     assert refused.returncode == 2 and "no download URL" in refused.stderr
     import yaml
 

@@ -9,13 +9,14 @@ import sys
 import cv2
 import numpy as np
 
+from ovseg_ros.runtime import run_bounded
 from ovseg_ros.synth.world import generate_scene
 
 VOCAB = "grass,water,sky,wall,sand,red circle,blue star"
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ovseg_ros.cli", *args], capture_output=True, text=True, timeout=300)
+    return run_bounded([sys.executable, "-m", "ovseg_ros.cli", *args], timeout=300)
 
 
 def test_segment_folder_and_video(tmp_path):

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
+
+from ovseg_ros.runtime import run_bounded
 
 pytestmark = pytest.mark.slow  # minute-long multi-process runs; -m "not slow" skips them
 
 
 def test_demo_runs_and_segments_for_real(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "ovseg_ros.demo", "--frames", "4", "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_bounded([sys.executable, "-m", "ovseg_ros.demo", "--frames", "4", "--out", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames"] == 4 and summary["classes"] == 69
@@ -28,8 +28,8 @@ def test_demo_runs_and_segments_for_real(tmp_path):
 
 def test_demo_with_two_cameras_served_by_one_node(tmp_path):
     out = tmp_path / "demo2"
-    proc = subprocess.run([sys.executable, "-m", "ovseg_ros.demo", "--frames", "2", "--cameras", "2",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    proc = run_bounded([sys.executable, "-m", "ovseg_ros.demo", "--frames", "2", "--cameras", "2",
+                        "--out", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["cameras"] == ["front", "rear"] and summary["frames"] == 4

@@ -44,7 +44,10 @@ def test_lifecycle_transitions(tmp_path, make_client):
             return client.call(get, GetState.Request()).current_state.label
 
         assert state() == "unconfigured"
-        assert not client.set_client.wait_for_service(timeout_sec=1.0)  # no models, no vocabulary service yet
+        # Services answer in every state: unconfigured, a write is refused with the reason.
+        assert client.wait_ready(30)
+        refused = client.set_vocabulary(["grass"])
+        assert not refused.success and "unconfigured" in refused.message, refused.message
         assert transition(Transition.TRANSITION_CONFIGURE) and state() == "inactive"
         assert client.wait_ready(30)
         assert not outputs_for(client, 1, tries=2)  # inactive: not subscribed to the camera

@@ -288,3 +288,33 @@ def test_find_objects_answers_with_the_3d_place_of_a_tracked_object(depth_node):
         assert abs(obj.centroid.z - (1.0 + 0.25 * index)) < 0.05, (index, obj.centroid)
         checked += 1
     assert checked, [o.label for o in answer.objects]
+
+
+def test_every_output_of_a_frame_whose_depth_holds_nan_inf_and_negative_values_is_published(depth_node):
+    proc, client, depth_pub, info_pub = depth_node
+    info_pub.publish(info_msg())
+    scene, depth_mm = scene_with_depth(5)
+    metres = depth_mm.astype(np.float32) / 1000.0
+    metres[20:24] = np.nan
+    metres[30:34] = np.inf
+    metres[40:44] = -np.inf
+    metres[50:54] = -1.0
+    sec = 500
+
+    def depth32(stamp: int) -> Image:
+        msg = Image(header=header(stamp), height=H, width=W, encoding="32FC1", step=W * 4, is_bigendian=0)
+        msg.data = to_byte_array(metres)
+        return msg
+
+    got = {}
+    for _ in range(10):
+        depth_pub.publish(depth32(sec))
+        client.publish_image(rgb_to_image(scene.image, header(sec)))
+        for topic in ("labels", "segmentation", "overlay", "labels_cloud"):
+            got[topic] = got.get(topic) or client.wait_for(topic, lambda m: m.header.stamp.sec == sec, 1.0)
+        if all(got.values()):
+            break
+    assert all(got.values()), ({topic: msg is not None for topic, msg in got.items()}, proc.output()[-3000:])
+    cloud = read_cloud(got["labels_cloud"])
+    assert np.isfinite(cloud["z"]).all() and (cloud["z"] > 0).all()
+    assert len(cloud) == int((np.isfinite(metres) & (metres > 0) & (metres <= 5.0)).sum())

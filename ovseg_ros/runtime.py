@@ -90,11 +90,14 @@ def die_with_parent(signum: int = signal.SIGTERM):
     """A `preexec_fn`: the child gets `signum` when its parent dies, even by SIGKILL (Linux prctl), so nothing
     this package starts outlives what started it. The kernel sends it when the *thread* that forked exits: start
     children from a thread that lives as long as they should."""
+    try:  # resolved here, in the parent: between fork and exec the child only calls it (no loader locks)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the process group is still killed on stop
+        prctl = None
+
     def preexec() -> None:
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
-        except (OSError, AttributeError):  # not Linux: the process group below is still killed on stop
-            pass
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signum)
     return preexec
 
 

@@ -68,9 +68,23 @@ class OvsegClient:
         self._subscribe(full, topic, msg_type, qos or QoSProfile(depth=10), keep)
 
     # ------------------------------------------------------------------ services
-    def wait_ready(self, timeout: float = 60.0) -> bool:
-        return self.set_client.wait_for_service(timeout_sec=timeout) and \
-            self.get_client.wait_for_service(timeout_sec=timeout)
+    def wait_ready(self, timeout: float = 60.0, configured: bool = True) -> bool:
+        """The services are there and, with `configured`, the node has loaded its models (its vocabulary has a
+        version: the services exist in every lifecycle state and answer version 0 while unconfigured)."""
+        deadline = time.monotonic() + timeout
+        if not (self.set_client.wait_for_service(timeout_sec=timeout)
+                and self.get_client.wait_for_service(timeout_sec=max(0.0, deadline - time.monotonic()))):
+            return False
+        while configured:
+            try:
+                if self.get_vocabulary(timeout=min(5.0, max(0.1, deadline - time.monotonic()))).vocabulary_version:
+                    return True
+            except TimeoutError:  # an answer lost while discovery completes: ask again
+                pass
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
 
     def call(self, client, request, timeout: float = 30.0):
         future = client.call_async(request)

@@ -169,10 +169,10 @@ def launched_graph(tmp_path: Path, overrides: dict[str, str], namespace: str) ->
     probe = rclpy.create_node(f"launch_probe_{namespace}")
     ns = f"/{namespace}"
     try:
-        def graph_ready() -> bool:  # the node appears first; its services last, once the models are loaded
+        def graph_ready() -> bool:  # node and services first; topics once configure has loaded the models
             if ("ovseg", ns) not in probe.get_node_names_and_namespaces():
                 return False
-            return f"{ns}/get_vocabulary" in dict(probe.get_service_names_and_types_by_node("ovseg", ns))
+            return f"{ns}/label_info" in dict(probe.get_publisher_names_and_types_by_node("ovseg", ns))
 
         assert wait_until(graph_ready, 60, interval=0.2), proc.output()
         time.sleep(0.5)

@@ -45,7 +45,7 @@ def test_lifecycle_transitions(tmp_path, make_client):
 
         assert state() == "unconfigured"
         # Services answer in every state: unconfigured, a write is refused with the reason.
-        assert client.wait_ready(30)
+        assert client.wait_ready(30, configured=False)
         refused = client.set_vocabulary(["grass"])
         assert not refused.success and "unconfigured" in refused.message, refused.message
         assert transition(Transition.TRANSITION_CONFIGURE) and state() == "inactive"

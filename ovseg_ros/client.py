@@ -151,9 +151,3 @@ class OvsegClient:
             self.node.destroy_node()
             self._closed = True
         return ended
-
-    def __enter__(self) -> OvsegClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -53,7 +53,6 @@ class CameraIO:
 
     name: str  # "" = the node's own topics
     stats: StreamStats = field(default_factory=StreamStats)
-    subscription: object = None
     publishers: dict[str, object] = field(default_factory=dict)
     depth: DepthPairer | None = None
 
@@ -87,12 +86,10 @@ class OvsegNode(LifecycleNode):
         self.lifecycle_state = "unconfigured"
         self.spin_loop: SpinLoop | None = None  # set by main; entities are destroyed between its turns
         self.shutting_down = False
-        self._active = False  # camera frames pass only while active
         self._entities: list[tuple[str, object]] = []  # created by configure, destroyed by cleanup
         self._log_reason = ReasonLog()
-        # Reads never wait behind a transition, a write or a frame. Their own mutually exclusive group (each read
-        # takes microseconds): a reentrant one lost some of 50 simultaneous get_vocabulary requests here.
-        self._reads = MutuallyExclusiveCallbackGroup()
+        self._reads = MutuallyExclusiveCallbackGroup()  # reads (microseconds each) never wait behind a
+        # transition, a write or a frame
         self._move_lifecycle_reads()
         self.pub_diagnostics = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.pub_prompt_result = self.create_publisher(PromptResult, "prompt_result", 10)
@@ -143,21 +140,18 @@ class OvsegNode(LifecycleNode):
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
         result = super().on_activate(state)
         self._publish_label_info()
-        self._active = True
         self.lifecycle_state = "active"
         self.get_logger().info("active: segmenting the camera stream")
         return result
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active = False
+        self.lifecycle_state = "inactive"  # first: frames stop here
         self.scheduler.clear()
         self.pipeline.clear_tracks()  # objects seen before the pause are not the ones after it
-        self.lifecycle_state = "inactive"
         self.get_logger().info("inactive: camera frames are ignored")
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
-        self._active = False
         self.stop()
         self._destroy_entities()
         self._release()
@@ -177,11 +171,15 @@ class OvsegNode(LifecycleNode):
             self.scheduler.stop(timeout=120.0)
             self.scheduler = None
 
+    @property
+    def frames_pass(self) -> bool:
+        """Camera frames are taken only while active (the subscriptions stay through deactivate)."""
+        return self.lifecycle_state == "active" and not self.shutting_down
+
     def begin_shutdown(self) -> None:
         """From now on requests are answered "the node is shutting down" and frames are ignored; the worker is
         stopped before the context goes, so it never publishes into a dead context."""
         self.shutting_down = True
-        self._active = False
         self.stop()
 
     def _release(self) -> None:
@@ -215,14 +213,14 @@ class OvsegNode(LifecycleNode):
 
             def store(msg, camera=camera) -> None:
                 scheduler = self.scheduler
-                if self._active and scheduler is not None:
+                if self.frames_pass and scheduler is not None:
                     camera.stats.on_received(replaced_unprocessed=scheduler.offer(camera.name, msg))
 
             if settings.input_type == "compressed":
-                camera.subscription = self._keep("subscription", self.create_subscription(
+                self._keep("subscription", self.create_subscription(
                     CompressedImage, camera.topic("image/compressed"), store, qos, callback_group=inputs))
             else:
-                camera.subscription = self._keep("subscription", self.create_subscription(
+                self._keep("subscription", self.create_subscription(
                     Image, camera.topic("image"), store, qos, callback_group=inputs))
             if settings.use_depth:
                 camera.depth = DepthPairer(settings.depth_buffer_size, settings.depth_tolerance_s)
@@ -259,12 +257,9 @@ class OvsegNode(LifecycleNode):
     def _destroy_entities(self) -> None:
         """Destroy what configure created, between the spin loop's turns (at once when nothing spins)."""
         entities, self._entities = self._entities, []
-        for camera in self.cameras.values():
-            camera.subscription = None
 
         def destroy() -> None:
-            kinds = {"service": self.destroy_service, "publisher": self.destroy_lifecycle_publisher,
-                     "subscription": self.destroy_subscription}
+            kinds = {"publisher": self.destroy_lifecycle_publisher, "subscription": self.destroy_subscription}
             for kind, entity in entities:
                 kinds[kind](entity)
 
@@ -403,10 +398,9 @@ class OvsegNode(LifecycleNode):
         return response
 
     def _on_prompt_topic(self, query: PromptQuery) -> None:
-        publisher = self.pub_prompt_result
         response = self._on_segment_prompt(messages.request_from_query(query), SegmentPrompt.Response())
         if not self.shutting_down:
-            publisher.publish(messages.result_from_response(response, query.request_id))
+            self.pub_prompt_result.publish(messages.result_from_response(response, query.request_id))
 
     def _no_model_reason(self) -> str:
         return SHUTTING_DOWN if self.shutting_down else "no model is configured (the node is unconfigured)"

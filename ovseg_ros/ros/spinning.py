@@ -35,10 +35,6 @@ class SpinLoop:
         self._spinning_thread: int | None = None
         self._last_errors: dict[str, float] = {}
 
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
-
     def run(self) -> None:
         """Spin in this thread until stopped. Never raises for a callback's or a turn's error."""
         self._spinning_thread = threading.get_ident()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import rclpy
 from rclpy.executors import SingleThreadedExecutor
@@ -151,3 +153,49 @@ class OvsegClient:
             self.node.destroy_node()
             self._closed = True
         return ended
+
+
+@dataclass
+class StreamCounts:
+    """What `stream_frames` has sent so far (all cameras together)."""
+
+    published: int = 0
+    publish_errors: int = 0
+
+
+@contextmanager
+def stream_frames(clients: OvsegClient | Sequence[OvsegClient], rate_hz: float, size: tuple[int, int] = (480, 640),
+                  first_sec: int = 1_000_000) -> Iterator[StreamCounts]:
+    """Publish synthetic frames at `rate_hz` per client (camera) from a thread until the block ends, as a camera
+    driver would; every frame has its own stamp. Benchmarks and tests use it to load a node."""
+    from std_msgs.msg import Header
+
+    from .ros.image_conversions import rgb_to_image
+    from .synth.world import generate_scene
+
+    clients = [clients] if isinstance(clients, OvsegClient) else list(clients)
+    frames = [generate_scene(i, size=size, split="eval").image for i in range(8)]
+    counts, stop = StreamCounts(), threading.Event()
+
+    def run() -> None:
+        period, next_time, index = 1.0 / rate_hz, time.monotonic(), 0
+        while not stop.is_set():
+            for camera, client in enumerate(clients):
+                header = Header(frame_id=f"camera{camera}")
+                header.stamp.sec, header.stamp.nanosec = first_sec + index // 1000, (index % 1000) * 1000
+                try:
+                    client.publish_image(rgb_to_image(frames[(index + camera) % len(frames)], header))
+                    counts.published += 1
+                except Exception:  # rclpy can refuse a publish under load; count it, keep going
+                    counts.publish_errors += 1
+            index += 1
+            next_time += period
+            stop.wait(max(0.0, next_time - time.monotonic()))
+
+    thread = threading.Thread(target=run, name="ovseg-stream", daemon=True)
+    thread.start()
+    try:
+        yield counts
+    finally:
+        stop.set()
+        thread.join(5)

@@ -17,7 +17,6 @@ import json
 import os
 import random
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,34 +48,13 @@ def run_flood(proc: Process, clients, seconds: float, rate: float, width: int = 
     `clients`: one OvsegClient, or one per camera of a multi-camera node (each publishing to its camera's
     topic). A sample holds the node's counters flat for one camera and per camera under "cameras"."""
     from diagnostic_msgs.msg import DiagnosticArray
-    from std_msgs.msg import Header
 
-    from ..ros.image_conversions import rgb_to_image
-    from ..synth.world import generate_scene
+    from ..client import stream_frames
 
     clients = list(clients) if isinstance(clients, (list, tuple)) else [clients]
     monitor = clients[0]
     report = FloodReport()
     monitor.subscribe("/diagnostics", DiagnosticArray, keep=5)
-    frames = [generate_scene(i, size=(height, width), split="eval").image for i in range(8)]
-    stop = threading.Event()
-
-    def publish() -> None:
-        period = 1.0 / rate
-        next_time = time.monotonic()
-        index = 0
-        while not stop.is_set():
-            for camera, client in enumerate(clients):
-                header = Header(frame_id=f"camera{camera}")
-                header.stamp.sec, header.stamp.nanosec = 1_000_000 + index // 1000, (index % 1000) * 1000
-                try:
-                    client.publish_image(rgb_to_image(frames[(index + camera) % len(frames)], header))
-                    report.published += 1
-                except Exception:  # rclpy can refuse a publish under load; count it, keep going
-                    report.publish_errors += 1
-            index += 1
-            next_time += period
-            time.sleep(max(0.0, next_time - time.monotonic()))
 
     def diagnostics() -> dict:
         latest = monitor.received["/diagnostics"]
@@ -88,18 +66,16 @@ def run_flood(proc: Process, clients, seconds: float, rate: float, width: int = 
             cameras[values.get("camera", "")] = values
         return cameras[""] if len(clients) == 1 and "" in cameras else {"cameras": cameras}
 
-    thread = threading.Thread(target=publish, daemon=True)
     start = time.monotonic()
-    thread.start()
-    while time.monotonic() - start < seconds:
-        time.sleep(min(sample_every, max(0.0, seconds - (time.monotonic() - start))))
-        sample = {"t_s": round(time.monotonic() - start, 1), "rss_mb": round(rss_mb(proc.popen.pid), 1),
-                  "published": report.published, **diagnostics()}
-        report.samples.append(sample)
-        if printer:
-            printer(sample)
-    stop.set()
-    thread.join()
+    with stream_frames(clients, rate, size=(height, width)) as counts:
+        while time.monotonic() - start < seconds:
+            time.sleep(min(sample_every, max(0.0, seconds - (time.monotonic() - start))))
+            sample = {"t_s": round(time.monotonic() - start, 1), "rss_mb": round(rss_mb(proc.popen.pid), 1),
+                      "published": counts.published, **diagnostics()}
+            report.samples.append(sample)
+            if printer:
+                printer(sample)
+    report.published, report.publish_errors = counts.published, counts.publish_errors
     time.sleep(3.0)  # let the last frame finish and one more diagnostics message arrive
     report.outputs_received = sum(len(client.received["segmentation"]) for client in clients)
     report.final = {"rss_mb": round(rss_mb(proc.popen.pid), 1), **diagnostics()}

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 from node_processes import start_node
 from std_msgs.msg import Header
 
+from ovseg_ros.client import stream_frames
 from ovseg_ros.ros.image_conversions import image_to_array, rgb_to_image
 from ovseg_ros.synth.world import generate_scene
 
@@ -25,28 +25,13 @@ def test_mid_stream_changes_never_mix_versions(tmp_path, make_client):
     client = make_client("/mix")
     try:
         assert client.wait_ready(60), proc.output()
-        frames = [generate_scene(i, size=(240, 320), split="eval").image for i in range(4)]
-        stop = threading.Event()
-
-        def stream() -> None:
-            sec = 10_000
-            while not stop.is_set():
-                header = Header(frame_id="cam")
-                header.stamp.sec = sec
-                client.publish_image(rgb_to_image(frames[sec % 4], header))
-                sec += 1
-                time.sleep(0.05)
-
-        thread = threading.Thread(target=stream, daemon=True)
-        thread.start()
         versions = {}
-        for labels in VOCABULARIES * 2:
-            response = client.set_vocabulary(labels)
-            assert response.success, response.message
-            versions[response.vocabulary_version] = [name.split(";")[0] for name in labels]
-            time.sleep(0.6)
-        stop.set()
-        thread.join()
+        with stream_frames(client, 20.0, size=(240, 320), first_sec=10_000):
+            for labels in VOCABULARIES * 2:
+                response = client.set_vocabulary(labels)
+                assert response.success, response.message
+                versions[response.vocabulary_version] = [name.split(";")[0] for name in labels]
+                time.sleep(0.6)
         time.sleep(0.5)
         outputs = list(client.received["segmentation"])
         seen_versions = {seg.vocabulary_version for seg in outputs}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 from lifecycle_msgs.msg import Transition
@@ -13,38 +12,13 @@ from lifecycle_msgs.srv import ChangeState, GetState
 from node_processes import TEST_SAM, start_node
 from std_msgs.msg import Header
 
+from ovseg_ros.client import stream_frames
 from ovseg_ros.ros.image_conversions import rgb_to_image
 from ovseg_ros.ros.messages import SERVICE_QOS
 from ovseg_ros.runtime import wait_until
 from ovseg_ros.synth.world import generate_scene
 
 FAILURES = ("Traceback", "InvalidHandle", "Failed to publish", "context is invalid", "KeyError")
-
-
-@contextmanager
-def streaming(client, rate_hz: float, size=(120, 160)):
-    """Publish synthetic frames at `rate_hz` from a thread until the block ends; yields the count published."""
-    frames = [generate_scene(i, size=size, split="eval").image for i in range(4)]
-    stop, count = threading.Event(), [0]
-
-    def run() -> None:
-        while not stop.is_set():
-            header = Header(frame_id="cam")
-            header.stamp.sec, header.stamp.nanosec = 2_000_000 + count[0] // 1000, (count[0] % 1000) * 1000
-            try:
-                client.publish_image(rgb_to_image(frames[count[0] % len(frames)], header))
-            except Exception:  # a publish refused under load is not what this test is about
-                pass
-            count[0] += 1
-            stop.wait(1.0 / rate_hz)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield count
-    finally:
-        stop.set()
-        thread.join(5)
 
 
 def transition_client(client, node_path: str):
@@ -86,7 +60,7 @@ def test_lifecycle_cycles_under_frames_and_prompts_never_take_the_node_down(tmp_
                 stop.wait(0.3)
 
         prompter = threading.Thread(target=prompt_loop, daemon=True)
-        with streaming(client, 10.0):
+        with stream_frames(client, 10.0, size=(120, 160)):
             prompter.start()
             for repetition in range(5):
                 for _ in range(5):
@@ -137,7 +111,7 @@ def test_simultaneous_writers_are_answered_in_order_and_readers_at_once_while_fr
         readers = [client.node.create_client(GetVocabulary, "/callers/get_vocabulary", qos_profile=SERVICE_QOS)
                    for _ in range(50)]
         assert all(c.wait_for_service(timeout_sec=30) for c in writers + readers)
-        with streaming(client, 20.0, size=(240, 320)):
+        with stream_frames(client, 20.0, size=(240, 320)):
             time.sleep(1.0)
             writes = [w.call_async(SetVocabulary.Request(labels=["grass", "sky", f"thing {i}"]))
                       for i, w in enumerate(writers)]
@@ -163,7 +137,7 @@ def test_sigint_in_the_middle_of_a_stream_stops_the_worker_before_the_context(tm
     proc = start_node(tmp_path, name="sigint", namespace="sigint")
     client = make_client("/sigint")
     assert client.wait_ready(90), proc.output()
-    with streaming(client, 30.0, size=(240, 320)):
+    with stream_frames(client, 30.0, size=(240, 320)):
         assert client.wait_for("segmentation", timeout=30) is not None, proc.output()
         time.sleep(1.0)
         code = proc.stop(timeout=60)

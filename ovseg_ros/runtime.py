@@ -113,6 +113,20 @@ def kill_group(popen: subprocess.Popen) -> None:
         pass
 
 
+def session_processes(session_id: int) -> list[int]:
+    """PIDs of the live processes in a session (a child started with `start_new_session` leads one whose id is
+    its pid): what a run left behind once its leader has exited. Linux /proc; empty elsewhere."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[3]) == session_id and fields[0] != "Z":  # after ") ": state, ppid, pgrp, session
+            found.append(int(stat.parent.name))
+    return found
+
+
 def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run(..., capture_output=True, text=True)` whose child dies with this process and whose whole
     process group is killed on timeout (plain `subprocess.run` kills only the child and leaves its children)."""
@@ -128,7 +142,9 @@ def run_bounded(cmd: list[str], timeout: float, **kwargs) -> subprocess.Complete
         except BaseException:
             kill_group(popen)
             raise
-    return subprocess.CompletedProcess(cmd, popen.returncode, out, err)
+    result = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
+    result.pid = popen.pid  # the session it led: `session_processes(result.pid)` shows what outlived it
+    return result
 
 
 class Process:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from ovseg_ros.runtime import run_bounded, wait_until
+from ovseg_ros.runtime import run_bounded, session_processes, wait_until
 
 SLEEPER = "import time\nwhile True: time.sleep(0.1)"
 
@@ -57,3 +57,20 @@ def test_a_bounded_run_kills_its_grandchildren_on_timeout(tmp_path):
     assert time.monotonic() - start < 20
     grandchild = int(pid_file.read_text())
     assert wait_until(lambda: not alive(grandchild), 10), "the grandchild outlived the timed-out run"
+
+
+def test_session_processes_lists_what_a_finished_run_left_behind():
+    """How `ovseg-bench demo-runs` counts leftovers: a run whose grandchild outlives it is seen, a clean one not."""
+    code = ("import subprocess, sys\n"
+            f"g = subprocess.Popen([sys.executable, '-c', {SLEEPER!r}], stdout=subprocess.DEVNULL,\n"
+            "                     stderr=subprocess.DEVNULL)\n"
+            "print(g.pid)\n")
+    result = run_bounded([sys.executable, "-c", code], timeout=30)
+    left = int(result.stdout.strip())
+    try:
+        assert session_processes(result.pid) == [left]
+    finally:
+        os.kill(left, 9)
+    assert wait_until(lambda: not session_processes(result.pid), 10)
+    clean = run_bounded([sys.executable, "-c", "print('done')"], timeout=30)
+    assert session_processes(clean.pid) == []

@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=2.0, help="camera frames per second")
     parser.add_argument("--refinement", default="none", choices=["none", "guided", "sam"],
                         help="dense refinement (sam: SAM masks from the dense regions)")
-    parser.add_argument("--pamr-steps", type=int, default=10,
-                        help="PAMR iterations (the demo CLIP's best setting: README accuracy figures)")
+    parser.add_argument("--pamr-steps", type=int, default=None,
+                        help="PAMR iterations (default: the demo preset's 10, the demo CLIP's best setting)")
     parser.add_argument("--cameras", type=int, default=1,
                         help="N > 1: N synthetic cameras (front, rear, ...) served by one node and one model")
     parser.add_argument("--timeout", type=float, default=120.0)
@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(ros_environment(domain_id=domain, log_dir=tempfile.mkdtemp(prefix="ovseg-demo-")))
     env = dict(os.environ)
     names = default_camera_names(args.cameras)
-    params = {"preset": "demo", "clip_model": args.clip, "refinement": args.refinement,
-              "pamr_steps": args.pamr_steps}
+    params = {"preset": "demo", "clip_model": args.clip, "refinement": args.refinement}
+    if args.pamr_steps is not None:
+        params["pamr_steps"] = args.pamr_steps
     if names != [""]:
         params["cameras"] = names
     node = Process(node_command("ovseg_ros.node", "ovseg", params=params), env, out / "ovseg_node.log")

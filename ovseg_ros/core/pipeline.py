@@ -91,6 +91,8 @@ class FrameOutput:
     instance_answers: list[PromptAnswer] = field(default_factory=list)
     objects: list[ObjectView] | None = None  # published tracks (confirmed, visible now), when track_objects
     object_ids: np.ndarray | None = None  # (H, W) uint16 track id per pixel (0 = none), when track_objects
+    named_objects: list[tuple[int, str, np.ndarray]] = field(default_factory=list)  # (id or 0, label, box) of
+    # every track seen in this frame: the names the overlay shows
     tracking_ms: float = 0.0  # instances + tracker update
     tracking_error: str = ""  # set when tracking alone failed on this frame (everything else is published)
     settings: Settings | None = None  # the snapshot this frame was computed with
@@ -319,7 +321,7 @@ class SegmentationPipeline:
         scale = self.segmenter.encoder.logit_scale
         background_classes = classes_named(prepared.vocabulary, settings.track_background)
         with self._tracker_lock:
-            self.trackers[frame.camera].sync_frame(result.labels.shape)
+            self.trackers[frame.camera].sync_frame(result.labels, prepared.version, settings.track_scene_cut)
         if answers is not None:
             masks = object_masks([a.mask for a in answers],
                                  background_mask(result, settings.track_max_area, background_classes),
@@ -349,9 +351,10 @@ class SegmentationPipeline:
             tracker.sync_vocabulary(prepared, self.segmenter.encoder.logit_scale)
             published = tracker.update(objects[: settings.track_max_tracks])
             output.objects = [ObjectView.of(t, names, settings.prompt_top_k) for t in published]
+            output.named_objects = [(t.id if t.state == CONFIRMED else 0, names[t.label_id], t.box)
+                                    for t in tracker.tracks if t.visible]
             if output.overlay is not None:  # every object seen now is named; ids only where `objects` has them
-                draw_object_names(output.overlay, [(t.id if t.state == CONFIRMED else 0, names[t.label_id], t.box)
-                                                   for t in tracker.tracks if t.visible])
+                draw_object_names(output.overlay, output.named_objects)
             self._tracked_header[camera] = (header, depth_frame_id)
         ids = np.zeros(output.result.labels.shape, np.uint16)
         for view in sorted(output.objects, key=lambda v: -int(v.mask.sum())):  # smaller on top

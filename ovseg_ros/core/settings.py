@@ -77,7 +77,7 @@ SPECS: tuple[ParamSpec, ...] = (
               "native size", low=0, high=2048, dense_field="window_size"),
     ParamSpec("logit_scale", 0.0, "temperature of the per-pixel softmax over classes; 0 = CLIP's own (max 100)",
               low=0.0, high=1000.0, dense_field="logit_scale"),
-    ParamSpec("pamr_steps", 0, "PAMR (pixel-adaptive mask refinement) iterations at full resolution; 0 = off",
+    ParamSpec("pamr_steps", 10, "PAMR (pixel-adaptive mask refinement) iterations at full resolution; 0 = off",
               low=0, high=50, dense_field="pamr_steps"),
     ParamSpec("pamr_dilations", [8, 16], "PAMR neighbourhood dilations in pixels", dense_field="pamr_dilations"),
     ParamSpec("pamr_dilation_unit", "input", "whose pixels pamr_dilations counts: frame (the camera frame's, as "
@@ -141,6 +141,9 @@ SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("track_min_hits", 2, "frames an object must be seen before its track is published", low=1, high=100),
     ParamSpec("track_max_lost", 30, "frames a track is kept while its object is not seen (occlusions up to this "
               "long keep the id)", low=0, high=10000),
+    ParamSpec("track_scene_cut", 0.3, "a scene cut ends every track: more than this share of the label map changed "
+              "class since the camera's last frame (a new scene, a camera switched; a robot's own motion changes "
+              "far less between frames); 0 = never", low=0.0, high=1.0),
     ParamSpec("track_max_tracks", 100, "most tracks kept per camera (memory bound)", low=1, high=10000),
     ParamSpec("track_min_area", 0.002, "smallest region tracked, as a fraction of the frame", low=0.0, high=1.0),
     ParamSpec("track_max_area", 0.25, "largest region tracked, as a fraction of the frame (larger regions are "

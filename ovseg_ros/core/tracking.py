@@ -24,6 +24,7 @@ from .dense import PreparedVocabulary
 from .instances import Instance, mask_box
 
 TENTATIVE, CONFIRMED, LOST = "tentative", "confirmed", "lost"
+CUT_STRIDE = 8  # pixels between the label-map samples compared for a scene cut
 
 
 @dataclass(frozen=True)
@@ -196,14 +197,25 @@ class Tracker:
         self.prepared: PreparedVocabulary | None = None  # that vocabulary (names and text for queries)
         self._next_id = 1
         self.frame_shape: tuple[int, int] | None = None  # (H, W) of the frames the tracks were seen in
+        self._last_labels: tuple[int, np.ndarray] | None = None  # (vocabulary version, sampled label map)
 
-    def sync_frame(self, shape: tuple[int, int]) -> None:
-        """Before an update with a frame of another size (the camera's resolution changed): the tracks' boxes
-        and masks are in the old frame's pixels and cannot be matched by place, so they end (their ids are not
-        given out again soon: the id counter goes on)."""
-        if self.frame_shape is not None and tuple(shape) != self.frame_shape:
+    def sync_frame(self, labels: np.ndarray, vocabulary_version: int, scene_cut_share: float = 0.0) -> bool:
+        """Before an update with a new frame: end every track when the frame cannot continue the last one.
+
+        Either the camera's resolution changed (the tracks' boxes and masks are in the old frame's pixels and
+        cannot be matched by place), or the scene cut: more than `scene_cut_share` of the label map (sampled every
+        `CUT_STRIDE` pixels) changed class since the last frame of the same vocabulary. A track carried over a cut
+        would give an unrelated object a remembered name (a cyan star called the cyan cross of the scene before).
+        Ids are not given out again soon: the counter goes on. Returns whether the tracks were ended."""
+        sample = labels[::CUT_STRIDE, ::CUT_STRIDE].copy()
+        last, self._last_labels = self._last_labels, (vocabulary_version, sample)
+        resized = self.frame_shape is not None and tuple(labels.shape) != self.frame_shape
+        self.frame_shape = tuple(labels.shape)
+        cut = (not resized and scene_cut_share > 0 and last is not None and last[0] == vocabulary_version
+               and last[1].shape == sample.shape and float((last[1] != sample).mean()) > scene_cut_share)
+        if resized or cut:
             self.tracks = []
-        self.frame_shape = tuple(shape)
+        return resized or cut
 
     def sync_vocabulary(self, prepared: PreparedVocabulary, logit_scale: float) -> None:
         """Before an update with a frame of another vocabulary: relabel every track for it."""

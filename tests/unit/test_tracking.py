@@ -380,13 +380,32 @@ def test_background_names_are_a_string_array_or_one_string_and_anything_else_is_
 
 def test_a_frame_of_another_size_ends_the_tracks_and_their_ids_are_not_given_again():
     tracker = Tracker(TrackerConfig(min_hits=1))
-    tracker.sync_frame(SHAPE)
+    labels = np.zeros(SHAPE, np.uint16)
+    tracker.sync_frame(labels, 1)
     first = tracker.update([box_instance((10, 10, 30, 30), basis(0), one_hot(0))])[0].id
-    tracker.sync_frame(SHAPE)  # the same size: nothing changes
+    assert not tracker.sync_frame(labels, 1)  # the same size: nothing changes
     assert [t.id for t in tracker.tracks] == [first]
-    tracker.sync_frame((SHAPE[0] * 2, SHAPE[1] * 2))
+    assert tracker.sync_frame(np.zeros((SHAPE[0] * 2, SHAPE[1] * 2), np.uint16), 1)
     assert tracker.tracks == []
     mask = np.zeros((SHAPE[0] * 2, SHAPE[1] * 2), bool)
     mask[20:60, 20:60] = True
     again = tracker.update([Instance(mask, np.array([20, 20, 60, 60], np.float32), 0, 0.9, basis(0), one_hot(0))])
     assert again[0].id != first
+
+
+def test_a_scene_cut_ends_the_tracks_and_motion_does_not():
+    """A label map that changed on more than `scene_cut_share` of its samples is another scene: the tracks end
+    there (a new object must not inherit a remembered name); a shift, or a new vocabulary, is no cut."""
+    tracker = Tracker(TrackerConfig(min_hits=1))
+    labels = np.zeros(SHAPE, np.uint16)
+    labels[:, 80:] = 1
+    labels[20:50, 20:50] = 2
+    tracker.sync_frame(labels, 1, 0.5)
+    tracker.update([box_instance((20, 20, 50, 50), basis(0), one_hot(0))])
+    moved = np.roll(labels, 8, axis=1)  # the camera turned: a small part of the map changed
+    assert not tracker.sync_frame(moved, 1, 0.5) and len(tracker.tracks) == 1
+    relabelled = (moved + 1) % 3  # every pixel another id: a vocabulary change, not a cut
+    assert not tracker.sync_frame(relabelled, 2, 0.5) and len(tracker.tracks) == 1
+    other = (relabelled + 1) % 3  # every sample changed
+    assert not tracker.sync_frame(other, 2, 0.0) and len(tracker.tracks) == 1  # 0: never cut
+    assert tracker.sync_frame(relabelled, 2, 0.5) and tracker.tracks == []

@@ -31,25 +31,32 @@ else
   log "requirements already installed"
 fi
 
-# Build ovseg_interfaces (msg/) into the venv, only when the interface sources changed.
-istamp="$VENV/.ovseg-interfaces.sha256"
-iwant="$( (cd msg && find . -type f \( -name '*.msg' -o -name '*.srv' -o -name CMakeLists.txt -o -name package.xml \) \
-  | sort | xargs sha256sum) | sha256sum | cut -d' ' -f1)"
-if [ "$(cat "$istamp" 2>/dev/null)" != "$iwant" ] || ! "$VENV/bin/python" -c "import ovseg_interfaces.msg" 2>/dev/null; then
-  log "building ovseg_interfaces into the venv"
-  build="$ROOT/build/ovseg_interfaces"
+# Build an interface package into the venv, only when its sources changed: ovseg_interfaces (msg/), and for the
+# tests a vision_msgs with upstream's field lists (no wheel of it exists; robots install ros-DISTRO-vision-msgs).
+build_interfaces() {
+  local name="$1" src="$2"
+  local stamp="$VENV/.ovseg-$name.sha256" want build
+  want="$( (cd "$src" && find . -type f \( -name '*.msg' -o -name '*.srv' -o -name '*.cmake' -o -name CMakeLists.txt \
+    -o -name package.xml \) | sort | xargs sha256sum; sha256sum "$ROOT/msg/cmake/wheel_python_includes.cmake") \
+    | sha256sum | cut -d' ' -f1)"
+  if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && "$VENV/bin/python" -c "import $name.msg" 2>/dev/null; then
+    log "$name already built"
+    return
+  fi
+  log "building $name into the venv"
+  build="$ROOT/build/$name"
   rm -rf "$build"; mkdir -p "$build"
   (
     export PATH="$VENV/bin:$PATH" AMENT_PREFIX_PATH="$VENV" CMAKE_PREFIX_PATH="$VENV"
-    cmake -S msg -B "$build" -DCMAKE_INSTALL_PREFIX="$VENV" -DBUILD_TESTING=OFF \
+    cmake -S "$src" -B "$build" -DCMAKE_INSTALL_PREFIX="$VENV" -DBUILD_TESTING=OFF \
       -DPython3_EXECUTABLE="$VENV/bin/python" -DCMAKE_BUILD_TYPE=Release > "$build.log" 2>&1 \
       && cmake --build "$build" -j "$(nproc)" >> "$build.log" 2>&1 \
       && cmake --install "$build" >> "$build.log" 2>&1
-  ) || { log "interface build failed; see $build.log"; tail -n 40 "$build.log"; exit 1; }
-  echo "$iwant" > "$istamp"
-else
-  log "ovseg_interfaces already built"
-fi
+  ) || { log "$name build failed; see $build.log"; tail -n 40 "$build.log"; exit 1; }
+  echo "$want" > "$stamp"
+}
+build_interfaces ovseg_interfaces msg
+build_interfaces vision_msgs tests/interfaces/vision_msgs
 
 # The package itself, editable so a checkout's edits are live.
 if ! "$VENV/bin/python" -c "import ovseg_ros" 2>/dev/null \

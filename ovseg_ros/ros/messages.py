@@ -25,6 +25,7 @@ from ..core.pipeline import (
 )
 from ..core.prompt import MAX_PROMPTS, Prompt, PromptError
 from ..core.vocabulary import MAX_EXEMPLARS, Vocabulary, VocabularyError
+from . import vision_messages
 from .image_conversions import (
     ImageError,
     compressed_to_rgb,
@@ -97,6 +98,10 @@ def frame_messages(output: FrameOutput) -> dict[str, object]:
         out["object_ids"] = mono16_to_image(output.object_ids, header)
         if output.depth is not None and output.settings.publish_markers:
             out["objects_markers"] = object_markers(header, output.depth, output.objects)
+        if vision_messages.AVAILABLE:
+            out["detections"] = vision_messages.detections_2d(header, output.objects)
+            if output.depth is not None:
+                out["detections_3d"] = vision_messages.detections_3d(header, output.objects, frame_id)
     if output.instances is not None:  # instance ids as class ids; the names are their labels
         answers = output.instance_answers
         out["instances"] = segmentation_msg(header, output.instances, output.vocabulary.version,

@@ -23,6 +23,7 @@ from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2
+from std_msgs.msg import Header
 from visualization_msgs.msg import MarkerArray
 
 from ovseg_interfaces.msg import LabelInfo, PromptQuery, PromptResult, Segmentation, TrackedObjects
@@ -34,7 +35,7 @@ from ..core.pipeline import FrameInput, FrameOutput, SegmentationPipeline, build
 from ..core.prompt import PromptError
 from ..core.settings import SPEC_BY_NAME, describe_settings
 from ..core.vocabulary import VocabularyError
-from . import messages
+from . import messages, vision_messages
 from .depth import DepthPairer
 from .diagnostics import ReasonLog, StreamStats, camera_statuses, diagnostic_array
 from .image_conversions import ImageError, rgb_to_image
@@ -205,11 +206,20 @@ class OvsegNode(LifecycleNode):
                       "objects": TrackedObjects, "object_ids": Image, "confidence": Image}
         if settings.use_depth:
             per_camera.update(labels_cloud=PointCloud2, labels_markers=MarkerArray, objects_markers=MarkerArray)
+        if vision_messages.AVAILABLE:
+            per_camera["detections"] = vision_messages.Detection2DArray
+            if settings.use_depth:
+                per_camera["detections_3d"] = vision_messages.Detection3DArray
+        else:
+            self.get_logger().warning(vision_messages.MISSING_REASON, once=True)
         qos = messages.image_qos(settings.image_qos, settings.qos_depth, settings.image_reliability)
         inputs = ReentrantCallbackGroup()  # storing a frame never waits for anything
         for camera in self.cameras.values():
             camera.publishers = {base: self._publisher(kind, camera.topic(base), messages.OUTPUT_DEPTH)
                                  for base, kind in per_camera.items()}
+            if vision_messages.AVAILABLE:  # the label image's class map, as vision_msgs consumers expect it
+                camera.publishers["vision_label_info"] = self._publisher(
+                    vision_messages.LabelInfo, camera.topic("vision_label_info"), messages.LATCHED_QOS)
 
             def store(msg, camera=camera) -> None:
                 scheduler = self.scheduler
@@ -423,9 +433,15 @@ class OvsegNode(LifecycleNode):
     # ------------------------------------------------------------------ status
     def _publish_label_info(self) -> None:
         pipeline = self.pipeline
-        if pipeline is not None:
-            self.pub_label_info.publish(messages.label_info_msg(
-                pipeline.vocabulary, pipeline.settings.score_threshold, self.get_clock().now().to_msg()))
+        if pipeline is None:
+            return
+        stamp = self.get_clock().now().to_msg()
+        self.pub_label_info.publish(messages.label_info_msg(pipeline.vocabulary, pipeline.settings.score_threshold,
+                                                            stamp))
+        if vision_messages.AVAILABLE:
+            for camera in self.cameras.values():
+                camera.publishers["vision_label_info"].publish(vision_messages.label_info(
+                    pipeline.vocabulary, pipeline.settings.score_threshold, Header(stamp=stamp)))
 
     def _publish_diagnostics(self) -> None:
         pipeline = self.pipeline

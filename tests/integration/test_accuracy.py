@@ -15,7 +15,7 @@ from ovseg_ros.core.settings import make_settings, preset_defaults
 from ovseg_ros.core.vocabulary import Vocabulary
 from ovseg_ros.synth.world import generate_scene, world_vocabulary
 
-FLOORS = {  # 100 scenes (session 5, README): 0.627, 0.649, 0.813, 0.852, 0.888, 0.854; these 24: 0.589, 0.545,
+FLOORS = {  # 100 scenes (2026-11-23, README): 0.627, 0.649, 0.813, 0.852, 0.888, 0.854; these 24: 0.589, 0.545,
     "dense_miou_seen": 0.50,  # 0.789, 0.823, 0.85, 0.75
     "dense_miou_held_out": 0.47,
     "prompt_iou_point": 0.72,

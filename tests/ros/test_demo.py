@@ -20,8 +20,8 @@ def test_demo_runs_and_segments_for_real(tmp_path):
     assert summary["frames"] == 4 and summary["classes"] == 69
     assert [row["frame"] for row in summary["rows"]] == [0, 1, 2, 3]
     assert all((out / f"frame_{i:02d}.png").is_file() for i in range(4))
-    # Measured 0.976 mean per-frame mIoU and 0.993 pixel accuracy on 8 frames (README, session 6); the first 4
-    # frames score 0.998 / 1.000: a floor, not a target.
+    # Measured 0.976 mean per-frame mIoU and 0.993 pixel accuracy on 8 frames (docs/benchmarks.md, 2026-11-23);
+    # the first 4 frames score 0.998 / 1.000: a floor, not a target.
     assert summary["mean_frame_miou"] >= 0.85 and summary["pixel_accuracy"] >= 0.9, summary
     assert "set_vocabulary: success=True" in proc.stdout
 
@@ -36,7 +36,7 @@ def test_demo_with_two_cameras_served_by_one_node(tmp_path):
     assert sorted((row["camera"], row["frame"]) for row in summary["rows"]) == [
         ("front", 0), ("front", 1), ("rear", 0), ("rear", 1)]
     assert all((out / f"{camera}_frame_{i:02d}.png").is_file() for camera in ("front", "rear") for i in range(2))
-    # Measured 0.959 mean per-frame mIoU and 0.993 pixel accuracy (session 6). Session 5 measured 0.655 pixel
+    # Measured 0.959 mean per-frame mIoU and 0.993 pixel accuracy (2026-11-23). Earlier that day: 0.655 pixel
     # accuracy: the anti-aliased shrink of 640x480 frames to 224 px smoothed away the textures the demo CLIP
     # learned (sand read as wall); the demo preset resizes bilinearly since.
     assert summary["mean_frame_miou"] >= 0.85 and summary["pixel_accuracy"] >= 0.9, summary

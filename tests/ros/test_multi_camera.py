@@ -10,9 +10,10 @@ from node_processes import TEST_SAM, start_node
 from std_msgs.msg import Header
 
 from ovseg_ros.core.cameras import CameraNameError, parse_camera_names
-from ovseg_ros.core.dense import DenseConfig, DenseSegmenter
+from ovseg_ros.core.dense import DenseSegmenter
 from ovseg_ros.core.metrics import mask_iou
 from ovseg_ros.core.registry import load_clip
+from ovseg_ros.core.settings import check_consistent, make_settings
 from ovseg_ros.core.text_cache import TextEmbeddingCache
 from ovseg_ros.core.vocabulary import Vocabulary
 from ovseg_ros.ros.image_conversions import image_to_array, rgb_to_image
@@ -89,8 +90,9 @@ def test_each_camera_gets_its_own_segmentation_from_one_batched_model(node):
     answers = publish_all_until_answered(clients)
     assert set(answers) == set(SCENES), proc.output()[-3000:]
     encoder = load_clip("ovseg-demo-clip")
+    settings = make_settings({"clip_model": "ovseg-demo-clip", "selection_threshold": 0.0})  # the node's
     reference = DenseSegmenter(encoder, TextEmbeddingCache(encoder.encode_text, encoder.model_id),
-                               DenseConfig(selection_threshold=0.0))
+                               check_consistent(settings))
     prepared = reference.prepare(Vocabulary(tuple(VOCABULARY)))
     for name, (scene, _) in SCENES.items():
         seg = answers[name]

@@ -145,15 +145,16 @@ class ClipDenseEncoder:
                        naclip_sigma: float = 5.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised images (B, 3, H, W) -> (global (B, D), dense (B, h, w, D)), both L2-normalised.
 
-        H and W must be multiples of the patch size; the position table is interpolated to the grid.
+        The grid is conv1's output: for a patchify conv, floor(side / patch) (pixels past the last whole patch
+        are not seen, as in the papers' code); the position table is interpolated to it.
         Differentiable (training uses it too); wrap calls in inference_mode for serving.
         """
         if variant not in _RECIPES:
             raise ValueError(f"unknown dense variant {variant!r}; choose one of {', '.join(DENSE_VARIANTS)}")
         visual = self.visual
         batch, _, height, width = images.shape
-        grid = (height // self.patch_size[0], width // self.patch_size[1])
         x = visual.conv1(images)
+        grid = (int(x.shape[-2]), int(x.shape[-1]))  # a patchify conv floors a side that is not a multiple
         x = x.reshape(batch, x.shape[1], -1).permute(0, 2, 1)
         cls = visual.class_embedding.to(x.dtype).expand(batch, 1, -1)
         x = torch.cat([cls, x], dim=1)

@@ -25,6 +25,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 SYNONYM_MERGES = ("max", "mean")  # synonyms as separate queries (class probability = max), or one averaged query
 PAMR_DILATION_UNITS = ("frame", "input")
 RESIZES = ("bilinear", "area")  # area: OpenCV INTER_AREA when shrinking (anti-aliased), bilinear when enlarging
+PAMR_GUIDES = ("frame", "input")  # PAMR's colour affinities from the camera frame, or from the model input upsampled
+WHOLE_IMAGE_RESIZES = ("patch", "exact")  # whole-image input: sides rounded to the patch, or exactly the scaled size
+WHOLE_IMAGE_UPSAMPLES = ("direct", "via_input")  # whole-image logits: grid -> frame, or grid -> input -> frame
+BELOW_THRESHOLD_LABELS = ("unlabelled", "first_class")
+LONG_SIDE_MAX = 2048  # mmseg's Resize scale (2048, short side) with keep_ratio: the long side never exceeds this
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,22 @@ class DenseConfig:
     # "frame": dilations in the frame's pixels (the papers' code); "input": in the resized model input's pixels,
     # scaled to the frame, so the neighbourhood keeps its size relative to the patch grid at any camera resolution
     pamr_dilation_unit: str = "frame"
+    # "frame": affinities from the camera frame; "input": from the normalised model input (resized, so blurred or
+    # sharpened) upsampled back to the frame's size, as NACLIP's and SCLIP's released predict() does
+    pamr_guide: str = "frame"
+    # Whole-image inference (no windows): "patch" rounds both sides to the patch so the grid covers every pixel;
+    # "exact" resizes to exactly short side input_size (the released forward_feature: remainder pixels past the
+    # last whole patch are not seen by the tower)
+    whole_image_resize: str = "patch"
+    # Whole-image logits reach the frame "direct" (grid -> frame, SCLIP) or "via_input" (grid -> model input size
+    # -> frame, NACLIP)
+    whole_image_upsample: str = "direct"
+    # Pixels below score_threshold: UNLABELLED, or the vocabulary's first class (a background class, as the
+    # papers' configs with prob_thd do)
+    below_threshold: str = "unlabelled"
+    # SCLIP's area_thd: classes covering at most this share of the predicted pixels are removed and their pixels
+    # take their next best class; with below_threshold first_class the first class is exempt and not counted
+    area_threshold: float = 0.0
     synonym_merge: str = "max"  # "max": each synonym its own query; "mean": one averaged query per class
     resize: str = "bilinear"  # how the image is resized to the model input: "bilinear" (the papers, the demo) or
     # "area" (anti-aliased when shrinking)
@@ -84,6 +105,14 @@ class DenseConfig:
             raise ValueError(f"pamr_dilations must be positive integers, got {list(self.pamr_dilations)}")
         if self.resize not in RESIZES:
             raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {self.resize!r}")
+        for name, value, choices in (("pamr_guide", self.pamr_guide, PAMR_GUIDES),
+                                     ("whole_image_resize", self.whole_image_resize, WHOLE_IMAGE_RESIZES),
+                                     ("whole_image_upsample", self.whole_image_upsample, WHOLE_IMAGE_UPSAMPLES),
+                                     ("below_threshold", self.below_threshold, BELOW_THRESHOLD_LABELS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        if not 0.0 <= self.area_threshold < 1.0:
+            raise ValueError(f"area_threshold must be in [0, 1), got {self.area_threshold}")
         if self.synonym_merge not in SYNONYM_MERGES:
             raise ValueError(f"synonym_merge must be one of {', '.join(SYNONYM_MERGES)}, got {self.synonym_merge!r}")
 
@@ -242,18 +271,21 @@ class DenseSegmenter:
                 max(patch_w, self.config.window_size // patch_w * patch_w))
 
     def model_input_shape(self, height: int, width: int) -> tuple[int, int]:
-        """Size an image is resized to: short side = input_size. Without windows both sides are rounded to
-        multiples of the patch; with windows the size is exact (as mmseg's keep-ratio resize), except that a
-        side smaller than the window is rounded to the patch, since it is then the window's side."""
+        """Size an image is resized to: short side = input_size (long side at most LONG_SIDE_MAX), as mmseg's
+        keep-ratio Resize. With windows the size is exact, except that a side smaller than the window is rounded
+        to the patch, since it is then the window's side. Without windows both sides are rounded to multiples of
+        the patch (whole_image_resize "patch") or kept exact ("exact", as the released whole-image path)."""
         short = self.config.input_size or min(self.encoder.native_size)
-        scale = short / min(height, width)
-        window = self.window_size() if self.config.window_stride > 0 else None
+        scale = min(short / min(height, width), LONG_SIDE_MAX / max(height, width))
+        windowed = self.config.window_stride > 0
+        window = self.window_size() if windowed else None
+        exact_whole = not windowed and self.config.whole_image_resize == "exact"
         shape = []
         for axis, side in enumerate((height, width)):
             patch = self.encoder.patch_size[axis]
             exact = int(side * scale + 0.5)
-            if window is not None and exact >= window[axis]:
-                shape.append(exact)
+            if exact_whole or (window is not None and exact >= window[axis]):
+                shape.append(max(patch, exact))
             else:
                 shape.append(max(patch, int(round(side * scale / patch)) * patch))
         return shape[0], shape[1]
@@ -411,15 +443,16 @@ class DenseSegmenter:
             clock.lap("preprocess")
             features = self.encode(pixels)
             clock.lap("image_encoder")
-            for frame, index in zip(features, members, strict=True):
-                results[index] = self._label(images_rgb[index], frame, prepared, dict(timings))
+            for row, (frame, index) in enumerate(zip(features, members, strict=True)):
+                results[index] = self._label(images_rgb[index], frame, prepared, dict(timings), pixels[row])
         return results
 
     def pixel_logits(self, frame: FrameFeatures, text: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(c, H, W) cosine logits at the frame's size for c text queries: each window's patch logits upsampled
-        (bilinear) to the window, averaged where windows overlap, then upsampled to the frame."""
+        (bilinear) to the window, averaged where windows overlap, then upsampled to the frame. Whole-image
+        logits go to the frame directly, or through the model input's size (whole_image_upsample)."""
         logits = torch.einsum("nhwd,cd->nchw", frame.window_dense, text.to(frame.window_dense.dtype))
-        if frame.whole:
+        if frame.whole and self.config.window_stride <= 0 and self.config.whole_image_upsample == "direct":
             return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
         top, left, bottom, right = frame.windows[0]
         logits = F.interpolate(logits, size=(bottom - top, right - left), mode="bilinear", align_corners=False)
@@ -433,8 +466,39 @@ class DenseSegmenter:
             return canvas
         return F.interpolate(canvas[None], size=size, mode="bilinear", align_corners=False)[0]
 
+    def _pamr_affinity(self, image_rgb: np.ndarray, frame: FrameFeatures,
+                       pixels: torch.Tensor | None) -> PamrAffinity | None:
+        """PAMR's neighbour weights for this frame (None when PAMR is off): from the camera frame, or from the
+        normalised model input `pixels` (3, h, w) upsampled to the frame (pamr_guide "input")."""
+        if self.config.pamr_steps <= 0:
+            return None
+        size = image_rgb.shape[:2]
+        if self.config.pamr_guide == "input" and pixels is not None:
+            guide = F.interpolate(pixels[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+        else:
+            guide = torch.from_numpy(image_rgb).to(frame.grid.device).permute(2, 0, 1).float()
+        return PamrAffinity(guide, self.config.pamr_dilations_for(size, frame.canvas))
+
+    def _refined_logits(self, image_rgb: np.ndarray, frame: FrameFeatures, text: torch.Tensor,
+                        queries: torch.Tensor, affinity: PamrAffinity | None, clock: _Stopwatch):
+        """(start, (c, H, W) scaled logits) for `queries` a class_chunk at a time: upsampled, PAMR, refined."""
+        size = image_rgb.shape[:2]
+        grey = None
+        if self.config.refinement == "guided":
+            grey = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
+        chunk = self.config.class_chunk
+        for start in range(0, len(queries), chunk):
+            part = self.pixel_logits(frame, text[queries[start:start + chunk]], size)
+            clock.add("merge_upsample")
+            if affinity is not None:
+                part = affinity.refine(part, self.config.pamr_steps)
+                clock.add("pamr")
+            if grey is not None:
+                part = guided_filter_maps(grey, part)
+            yield start, part * self.pixel_logit_scale
+
     def _label(self, image_rgb: np.ndarray, frame: FrameFeatures, prepared: PreparedVocabulary,
-               timings: dict[str, float]) -> SegmentationResult:
+               timings: dict[str, float], pixels: torch.Tensor | None = None) -> SegmentationResult:
         """One image's tower outputs -> its label map (per-pixel work limited to the selected queries)."""
         clock = _Stopwatch(timings)
         device = frame.grid.device
@@ -442,40 +506,71 @@ class DenseSegmenter:
         patch_logits = self.encoder.logit_scale * torch.einsum("hwd,cd->hwc", frame.grid, text)
         selected = self.select_categories(frame.global_emb, patch_logits, text)
         clock.lap("category_selection")
-        size = image_rgb.shape[:2]
-        affinity = None
-        if self.config.pamr_steps > 0:
-            guide = torch.from_numpy(image_rgb).to(device).permute(2, 0, 1).float()
-            affinity = PamrAffinity(guide, self.config.pamr_dilations_for(size, frame.canvas))
+        affinity = self._pamr_affinity(image_rgb, frame, pixels)
+        if affinity is not None:
             clock.add("pamr")
-        grey = None
-        if self.config.refinement == "guided":
-            grey = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32) / 255.0
         argmax = RunningArgmax()
-        chunk = self.config.class_chunk
-        for start in range(0, len(selected), chunk):
-            part = self.pixel_logits(frame, text[selected[start:start + chunk]], size)
-            clock.add("merge_upsample")
-            if affinity is not None:
-                part = affinity.refine(part, self.config.pamr_steps)
-                clock.add("pamr")
-            if grey is not None:
-                part = guided_filter_maps(grey, part)
-            argmax.add(start, part * self.pixel_logit_scale)
+        for start, scaled in self._refined_logits(image_rgb, frame, text, selected, affinity, clock):
+            argmax.add(start, scaled)
             clock.add("classify")
         index, confidence = argmax.result()
-        query = selected.cpu().numpy()[index]
-        class_index = prepared.query_class_index.numpy()[query]
+        owners = prepared.query_class_index.numpy()
+        class_index = owners[selected.cpu().numpy()[index]]
+        if self.config.area_threshold > 0:
+            removed = self._small_classes(class_index, len(prepared.vocabulary))
+            if removed:
+                kept = selected[~torch.from_numpy(np.isin(owners[selected.cpu().numpy()], removed))]
+                rerun = RunningArgmax()
+                for start, scaled in self._refined_logits(image_rgb, frame, text, kept, affinity, clock):
+                    rerun.add(start, scaled)
+                index, confidence = rerun.result(argmax.lse)  # the probabilities keep every class's softmax
+                class_index = owners[kept.cpu().numpy()[index]]
+            clock.lap("area_threshold")
         if self.config.tag_validation_top_k > 0:
             class_index = self.validate_tags(class_index, frame.grid, prepared, selected)
             clock.lap("tag_validation")
-        result = summarise(class_index, confidence, prepared, self.config.score_threshold)
+        result = summarise(class_index, confidence, prepared, self.config.score_threshold, self.below_threshold_label)
         clock.lap("postprocess")
         result.timings_ms = timings
         result.dense_features = frame.grid
         result.selected_classes = sorted({int(c) for c in prepared.query_class_index[selected.cpu()]})
         result.config = self.config
         return result
+
+    @property
+    def below_threshold_label(self) -> int:
+        """The label of pixels below score_threshold: UNLABELLED, or class 0 (below_threshold first_class)."""
+        return 0 if self.config.below_threshold == "first_class" else UNLABELLED
+
+    def _small_classes(self, class_index: np.ndarray, classes: int) -> list[int]:
+        """SCLIP's area_thd: the classes predicted on at most area_threshold of the counted pixels, absent ones
+        included (they cannot take the removed pixels either); the first class is exempt and not counted when
+        it is the background. Empty when no present class is removed."""
+        counts = np.bincount(class_index.ravel(), minlength=classes)
+        first = 1 if self.config.below_threshold == "first_class" else 0
+        total = counts[first:].sum()
+        small = [c for c in range(first, classes) if counts[c] <= self.config.area_threshold * total]
+        return small if any(counts[c] for c in small) else []
+
+    @torch.inference_mode()
+    def probability_maps(self, image_rgb: np.ndarray, prepared: PreparedVocabulary) -> torch.Tensor:
+        """(C, H, W) float32 class probabilities at the frame's size, as `segment` computes them before the
+        argmax (softmax over all queries, a class's synonyms merged by max; category selection and area
+        threshold not applied): a per-class costmap for planners, and the papers' `seg_logits` output."""
+        frozen = self.with_config(self.config)
+        pixels = frozen.preprocess(image_rgb)
+        frame = frozen.encode(pixels)[0]
+        text = prepared.text_embeddings.to(frame.grid.device, frame.grid.dtype)
+        queries = torch.arange(text.shape[0])
+        affinity = frozen._pamr_affinity(image_rgb, frame, pixels[0])
+        clock = _Stopwatch({})
+        scaled = torch.cat([part for _, part in frozen._refined_logits(image_rgb, frame, text, queries, affinity,
+                                                                       clock)])
+        probs = torch.softmax(scaled.float(), dim=0)
+        owners = prepared.query_class_index.to(probs.device)
+        out = torch.zeros(len(prepared.vocabulary), *probs.shape[1:], device=probs.device)
+        index = owners.view(-1, 1, 1).expand_as(probs)
+        return out.scatter_reduce_(0, index, probs, reduce="amax", include_self=False).cpu()
 
 
 class RunningArgmax:
@@ -498,9 +593,10 @@ class RunningArgmax:
         self.best_index = torch.where(better, part_idx + start, self.best_index)
         self.lse = torch.logaddexp(self.lse, part_lse)
 
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W) int64 winning index and (H, W) float32 its softmax probability."""
-        confidence = torch.exp(self.best - self.lse)
+    def result(self, lse: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W) int64 winning index and (H, W) float32 its softmax probability (normalised over the classes
+        seen here, or by another pass's log-sum-exp `lse`)."""
+        confidence = torch.exp(self.best - (self.lse if lse is None else lse))
         return self.best_index.to(torch.int64).cpu().numpy(), confidence.cpu().numpy().astype(np.float32)
 
 
@@ -561,7 +657,8 @@ def guided_filter_maps(grey: np.ndarray, maps: torch.Tensor) -> torch.Tensor:
 def relabel(result: SegmentationResult, labels: np.ndarray, prepared: PreparedVocabulary,
             threshold: float) -> SegmentationResult:
     """The same frame's result with a refined label map (statistics recomputed, timings and features kept)."""
-    refined = summarise(labels, result.confidence, prepared, threshold)
+    below = 0 if result.config is not None and result.config.below_threshold == "first_class" else UNLABELLED
+    refined = summarise(labels, result.confidence, prepared, threshold, below)
     refined.timings_ms = result.timings_ms
     refined.dense_features = result.dense_features
     refined.selected_classes = result.selected_classes
@@ -570,11 +667,11 @@ def relabel(result: SegmentationResult, labels: np.ndarray, prepared: PreparedVo
 
 
 def summarise(class_index: np.ndarray, confidence: np.ndarray, prepared: PreparedVocabulary,
-              threshold: float) -> SegmentationResult:
-    """Apply the threshold and compute per-class area and mean score."""
+              threshold: float, below_label: int = UNLABELLED) -> SegmentationResult:
+    """Apply the threshold (pixels below it become `below_label`) and compute per-class area and mean score."""
     labels = class_index.astype(np.uint16)
     if threshold > 0:
-        labels[confidence < threshold] = UNLABELLED
+        labels[confidence < threshold] = below_label
     total = labels.size
     counts = np.bincount(labels.ravel(), minlength=len(prepared.vocabulary))
     score_sums = np.bincount(labels.ravel(), weights=confidence.ravel(), minlength=len(prepared.vocabulary))

@@ -42,11 +42,18 @@ _OPENAI_B16 = "OpenAI CLIP ViT-B/16, the backbone of the papers' ViT-B/16 tables
 # What the three papers' presets share, and where each value comes from.
 _PAPERS = {"clip_model": "clip-vit-b16-openai", "score_threshold": 0.0, "pamr_dilations": [8, 16],
            "prompt_templates": ["imagenet80"], "synonym_merge": "max", "selection_threshold": 0.0,
-           "resize_interpolation": "bilinear", "pamr_dilation_unit": "frame"}
+           "resize_interpolation": "bilinear", "pamr_dilation_unit": "frame", "pamr_guide": "input",
+           "whole_image_resize": "exact", "below_threshold": "unlabelled", "area_threshold": 0.0}
 _PAMR_ON_FRAME = "NACLIP naclip.py: PAMR on the logits upsampled to the original image (ori_shape)"
+_PAMR_GUIDE = ("NACLIP naclip.py predict / SCLIP clip_segmentor.py forward_slide: PAMR's image is the "
+               "normalised model input bilinearly upsampled to ori_shape")
+_WHOLE_EXACT = "mmseg Resize keep_ratio: exact size, the tower's conv floors to whole patches (forward_feature)"
 _PAPERS_SOURCES = {"clip_model": _OPENAI_B16, "prompt_templates": _TEMPLATES, "synonym_merge": _SYNONYMS,
                    "selection_threshold": _NO_DCS, "resize_interpolation": _RESIZE,
-                   "pamr_dilation_unit": _PAMR_ON_FRAME}
+                   "pamr_dilation_unit": _PAMR_ON_FRAME, "pamr_guide": _PAMR_GUIDE,
+                   "whole_image_resize": _WHOLE_EXACT,
+                   "below_threshold": "prob_thd sets label 0 (the background class) only on sets that have one",
+                   "area_threshold": "SCLIP's area_thd is set only in its VOC21 config"}
 
 PRESETS: dict[str, Preset] = {
     preset.name: preset for preset in (
@@ -54,18 +61,20 @@ PRESETS: dict[str, Preset] = {
             "naclip-vit-b16",
             "NACLIP on OpenAI ViT-B/16: neighbourhood attention, reduced last block, 336 px, windows 224/112, PAMR",
             {**_PAPERS, "dense_variant": "naclip", "input_size": 336, "window_size": 224, "window_stride": 112,
-             "logit_scale": 40.0, "pamr_steps": 10},
+             "logit_scale": 40.0, "pamr_steps": 10, "whole_image_upsample": "via_input"},
             {**_PAPERS_SOURCES, "dense_variant": _NACLIP + " (arch reduced, attn naclip, std 5)",
              "input_size": "NACLIP configs: Resize (2048, 336) keep_ratio", "window_size": _NACLIP + " slide_crop",
              "window_stride": _NACLIP + " slide_stride", "logit_scale": _NACLIP,
              "score_threshold": "NACLIP prob_thd 0 (0.1 only with a background class)", "pamr_steps": _NACLIP,
-             "pamr_dilations": _NACLIP + " pamr_stride"}),
+             "pamr_dilations": _NACLIP + " pamr_stride",
+             "whole_image_upsample": "NACLIP naclip.py: forward_feature upsamples to the input, predict to ori_shape"}),
         Preset(
             "sclip-vit-b16",
             "SCLIP on OpenAI ViT-B/16: correlative self-attention, 336 px, windows 224/112, no PAMR",
             {**_PAPERS, "dense_variant": "sclip", "input_size": 336, "window_size": 224, "window_stride": 112,
-             "logit_scale": 40.0, "pamr_steps": 0},
+             "logit_scale": 40.0, "pamr_steps": 0, "whole_image_upsample": "direct"},
             {**_PAPERS_SOURCES, "dense_variant": _SCLIP + " (csa=True, residual and MLP kept)",
+             "whole_image_upsample": "SCLIP clip_segmentor.py: forward_feature(inputs, ori_shape) upsamples once",
              "input_size": "SCLIP configs: Resize (2048, 336) (448 for COCO-Stuff)", "window_size": _SCLIP,
              "window_stride": _SCLIP, "logit_scale": _SCLIP + " (50-65 on some sets)",
              "score_threshold": "SCLIP prob_thd 0 (0.1 only with a background class)",
@@ -74,12 +83,13 @@ PRESETS: dict[str, Preset] = {
             "clearclip-vit-b16",
             "ClearCLIP on OpenAI ViT-B/16: query-query attention, no residual/FFN, 448 px, windows 448/224",
             {**_PAPERS, "dense_variant": "clearclip", "input_size": 448, "window_size": 448, "window_stride": 224,
-             "logit_scale": 50.0, "pamr_steps": 0},
+             "logit_scale": 50.0, "pamr_steps": 0, "whole_image_upsample": "direct"},
             {**_PAPERS_SOURCES, "dense_variant": _CLEARCLIP + " (model_type ClearCLIP, ignore_residual)",
              "input_size": "ClearCLIP configs: Resize (2048, 448)", "window_size": _CLEARCLIP + " slide_crop",
              "window_stride": _CLEARCLIP + " slide_stride", "logit_scale": _CLEARCLIP,
              "score_threshold": "ClearCLIP prob_thd 0 (0.15-0.5 only with a background class)",
-             "pamr_steps": "ClearCLIP has no PAMR", "pamr_dilations": "unused"}),
+             "pamr_steps": "ClearCLIP has no PAMR", "pamr_dilations": "unused", "pamr_guide": "unused",
+             "whole_image_upsample": "ClearCLIP clearclip_segmentor.py: forward_feature(inputs, ori_shape)"}),
         Preset(
             "demo",
             "the project's demo CLIP on its synthetic world (the embedded demo and the tests' yardstick)",

@@ -13,7 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .clip_dense import DENSE_VARIANTS
-from .dense import PAMR_DILATION_UNITS, REFINEMENTS, RESIZES, SYNONYM_MERGES, DenseConfig
+from .dense import (
+    BELOW_THRESHOLD_LABELS,
+    PAMR_DILATION_UNITS,
+    PAMR_GUIDES,
+    REFINEMENTS,
+    RESIZES,
+    SYNONYM_MERGES,
+    WHOLE_IMAGE_RESIZES,
+    WHOLE_IMAGE_UPSAMPLES,
+    DenseConfig,
+)
 from .presets import DEFAULT_PRESET, PRESETS, get_preset
 from .vocabulary import DEFAULT_TEMPLATES
 
@@ -71,6 +81,12 @@ SPECS: tuple[ParamSpec, ...] = (
               low=0, high=2048, dense_field="input_size"),
     ParamSpec("resize_interpolation", "bilinear", "how the image is resized to input_size: bilinear (as the papers) or "
               "area (anti-aliased when shrinking)", choices=RESIZES, dense_field="resize"),
+    ParamSpec("whole_image_resize", "patch", "without windows: patch (both sides rounded to the patch, the grid "
+              "covers every pixel) or exact (short side exactly input_size, as the papers' whole-image code)",
+              choices=WHOLE_IMAGE_RESIZES, dense_field="whole_image_resize"),
+    ParamSpec("whole_image_upsample", "direct", "without windows, how the patch logits reach the frame's size: "
+              "direct (SCLIP) or via_input (to the model input's size first, then the frame's: NACLIP)",
+              choices=WHOLE_IMAGE_UPSAMPLES, dense_field="whole_image_upsample"),
     ParamSpec("window_stride", 0, "sliding windows: stride in resized-image pixels; each window's per-pixel logits "
               "are averaged; 0 = the whole image in one pass", low=0, high=2048, dense_field="window_stride"),
     ParamSpec("window_size", 0, "sliding windows: side in pixels (a multiple of the patch); 0 = the model's "
@@ -84,10 +100,19 @@ SPECS: tuple[ParamSpec, ...] = (
               "the papers' code) or input (the resized model input's, scaled to the frame: the same neighbourhood "
               "relative to the patch grid at any camera resolution)", choices=PAMR_DILATION_UNITS,
               dense_field="pamr_dilation_unit"),
+    ParamSpec("pamr_guide", "frame", "the image PAMR's affinities come from: frame (the camera frame) or input "
+              "(the resized model input upsampled to the frame, as NACLIP's and SCLIP's released code)",
+              choices=PAMR_GUIDES, dense_field="pamr_guide"),
     ParamSpec("synonym_merge", "max", "synonyms (';') as separate queries whose best wins (max), or one averaged "
               "query per class (mean)", read_only=True, choices=SYNONYM_MERGES, dense_field="synonym_merge"),
-    ParamSpec("score_threshold", 0.0, "pixels whose class probability is below this are unlabelled (65535)",
-              low=0.0, high=1.0, dense_field="score_threshold"),
+    ParamSpec("score_threshold", 0.0, "pixels whose class probability is below this are unlabelled (65535), or "
+              "the first class (below_threshold)", low=0.0, high=1.0, dense_field="score_threshold"),
+    ParamSpec("below_threshold", "unlabelled", "what pixels below score_threshold become: unlabelled (65535) or "
+              "first_class (the vocabulary's first class is a background class, as the papers' prob_thd)",
+              choices=BELOW_THRESHOLD_LABELS, dense_field="below_threshold"),
+    ParamSpec("area_threshold", 0.0, "classes predicted on at most this share of the frame are removed, their "
+              "pixels take the next best class (SCLIP's area_thd; with below_threshold first_class the first "
+              "class is exempt and not counted); 0 = off", low=0.0, high=0.99, dense_field="area_threshold"),
     ParamSpec("selection_threshold", 0.3, "dynamic category selection tau (relative to the best class); 0 = off",
               low=0.0, high=1.0, dense_field="selection_threshold"),
     ParamSpec("selection_patch_top_k", 2, "category selection: classes in any patch's top-k are kept (2: README "

@@ -4,6 +4,7 @@ separate queries, template sets, presets. References are written here from the p
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -134,6 +135,76 @@ def test_segmenter_applies_pamr_at_full_resolution(encoder):
     guide = torch.from_numpy(image).permute(2, 0, 1).float()
     expected = reference_pamr(guide, logits, 10, (4, 8)).argmax(0).numpy()
     assert (with_pamr.labels == expected).mean() > 0.999
+
+
+def test_pamr_guided_by_the_model_input_as_the_papers_code(encoder):
+    """pamr_guide "input": the affinities come from the normalised, resized model input upsampled back to the
+    frame (NACLIP predict: interpolate(inputs, ori_shape, bilinear)), built here with OpenCV and torch alone."""
+    image = generate_scene(5, size=(120, 170), split="eval").image
+    vocabulary = Vocabulary(("grass", "water", "sky", "red circle", "blue square"))
+    framed = segmenter_with(encoder, selection_threshold=0.0, pamr_steps=10, pamr_dilations=(4, 8))
+    guided = segmenter_with(encoder, selection_threshold=0.0, pamr_steps=10, pamr_dilations=(4, 8),
+                            pamr_guide="input")
+    prepared = guided.prepare(vocabulary)
+    frame = guided.encode(guided.preprocess(image))[0]
+    logits = guided.pixel_logits(frame, prepared.text_embeddings, image.shape[:2])
+    height, width = frame.canvas
+    resized = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+    mean, std = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
+    normalised = torch.from_numpy(((resized - mean) / std).astype(np.float32)).permute(2, 0, 1)
+    guide = F.interpolate(normalised[None], size=image.shape[:2], mode="bilinear", align_corners=False)[0]
+    expected = reference_pamr(guide, logits, 10, (4, 8)).argmax(0).numpy()
+    from_input, from_frame = guided.segment(image, prepared), framed.segment(image, prepared)
+    assert (from_input.labels == expected).mean() > 0.9999
+    assert not np.array_equal(from_input.labels, from_frame.labels)  # the two guides do differ
+
+
+def test_whole_image_exact_resize_and_upsampling_via_the_input(encoder):
+    """whole_image_resize "exact" keeps the scaled size (the conv floors it to whole patches) and "via_input"
+    upsamples grid -> input -> frame, as NACLIP's forward_feature + predict."""
+    image = generate_scene(6, size=(121, 173), split="eval").image
+    segmenter = segmenter_with(encoder, input_size=100, whole_image_resize="exact",
+                               whole_image_upsample="via_input")
+    assert segmenter.model_input_shape(121, 173) == (100, 143)  # int(173 * 100 / 121 + 0.5)
+    prepared = segmenter.prepare(Vocabulary(("grass", "water", "sky")))
+    frame = segmenter.encode(segmenter.preprocess(image))[0]
+    assert frame.grid.shape[:2] == encoder.visual.conv1(torch.zeros(1, 3, 100, 143)).shape[-2:]
+    logits = torch.einsum("hwd,cd->chw", frame.grid, prepared.text_embeddings)
+    step = F.interpolate(logits[None], size=(100, 143), mode="bilinear", align_corners=False)
+    expected = F.interpolate(step, size=(121, 173), mode="bilinear", align_corners=False)[0]
+    got = segmenter.pixel_logits(frame, prepared.text_embeddings, (121, 173))
+    assert torch.allclose(got, expected, atol=1e-6)
+    direct = segmenter_with(encoder, input_size=100, whole_image_resize="exact")
+    once = F.interpolate(logits[None], size=(121, 173), mode="bilinear", align_corners=False)[0]
+    assert torch.allclose(direct.pixel_logits(frame, prepared.text_embeddings, (121, 173)), once, atol=1e-6)
+
+
+def test_background_class_below_threshold_and_sclip_area_threshold(encoder):
+    """below_threshold first_class gives low-confidence pixels class 0 (the papers' prob_thd); area_threshold
+    removes classes on at most that share of the other classes' pixels, which take their next best class, with
+    probabilities still over the whole softmax (SCLIP's area_thd)."""
+    image = generate_scene(7, size=(96, 128), split="eval").image
+    vocabulary = Vocabulary(("background;wall", "grass", "water", "sky", "red circle", "blue square"))
+    base = segmenter_with(encoder, logit_scale=40.0)
+    prepared = base.prepare(vocabulary)
+    probs = base.probability_maps(image, prepared).numpy()
+    plain = base.segment(image, prepared)
+    assert np.array_equal(plain.labels, probs.argmax(0))
+    assert np.allclose(plain.confidence, probs.max(0), atol=1e-6)
+    cut = float(np.quantile(probs.max(0), 0.3))
+    thresholded = segmenter_with(encoder, logit_scale=40.0, score_threshold=cut, below_threshold="first_class")
+    labels = thresholded.segment(image, prepared).labels
+    assert np.array_equal(labels, np.where(probs.max(0) < cut, 0, probs.argmax(0)))
+    counts = np.bincount(probs.argmax(0).ravel(), minlength=len(vocabulary))
+    share = 0.5 * (counts[1:][counts[1:] > 0].min() + counts[1:].max()) / counts[1:].sum()
+    area = segmenter_with(encoder, logit_scale=40.0, below_threshold="first_class", area_threshold=share)
+    removed = [c for c in range(1, len(vocabulary)) if counts[c] <= share * counts[1:].sum()]
+    assert removed and len(removed) < len(vocabulary) - 1
+    kept = probs.copy()
+    kept[removed] = 0.0
+    result = area.segment(image, prepared)
+    assert np.array_equal(result.labels, kept.argmax(0))
+    assert np.allclose(result.confidence, kept.max(0), atol=1e-5)
 
 
 # ---------------------------------------------------------------- text: synonyms and templates

@@ -333,3 +333,17 @@ def test_pamr_dilations_follow_the_patch_grid_in_the_demo_and_the_frame_in_the_p
         papers = dense_config(preset_defaults(name))  # NACLIP runs PAMR at the original image's size, in its pixels
         assert papers.pamr_dilation_unit == "frame"
         assert papers.pamr_dilations_for((480, 640), (336, 448)) == (8, 16)
+
+
+def test_precision_falls_back_to_fp32_where_it_would_not_pay(monkeypatch):
+    from ovseg_ros.core.pipeline import usable_precision
+
+    cpu = torch.device("cpu")
+    assert usable_precision("fp32", cpu) == ("fp32", None)
+    assert usable_precision("fp16", cpu)[0] == "fp32" and "CUDA" in usable_precision("fp16", cpu)[1]
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    precision, reason = usable_precision("bf16", cpu)
+    assert precision == "fp32" and "AMX" in reason
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert usable_precision("bf16", cpu) == ("bf16", None)

@@ -169,9 +169,12 @@ class ClipDenseEncoder:
         if not batch_first:
             x = x.transpose(0, 1)
         last = blocks[-1]
-        standard = _batch_first_block(last, x) if batch_first else _standard_block(last, x)
-        cls_out = standard[:, :1]
         recipe = _RECIPES[variant]
+        if recipe.attention != "standard" and batch_first and _fast_path(last):
+            cls_out = _batch_first_block(last, x, class_token_only=True)  # the patches' outputs are not needed
+        else:
+            standard = _batch_first_block(last, x) if batch_first else _standard_block(last, x)
+            cls_out = standard[:, :1]
         if recipe.attention == "standard":
             patches = standard[:, 1:]
         else:
@@ -187,24 +190,40 @@ class ClipDenseEncoder:
         return F.normalize(tokens, dim=-1)
 
 
-def _batch_first_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _batch_first_block(block: torch.nn.Module, x: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
     """open_clip's ResidualAttentionBlock on batch-first (B, N, C) input, computed batch-first throughout.
 
     nn.MultiheadAttention(batch_first=True) transposes its input to sequence-first, and a linear layer on that
     non-contiguous view runs, under CPU bf16 autocast, as a batched matmul against a copy of its weight per token
     (the in-projection alone copied 350 M elements per block: bf16 ran 7x slower than fp32). The same equations on
-    contiguous tensors with scaled_dot_product_attention; blocks of any other shape run as they are."""
-    attn = getattr(block, "attn", None)
-    if (not isinstance(attn, torch.nn.MultiheadAttention) or not attn._qkv_same_embed_dim or hasattr(block, "ln_1_kv")
-            or not isinstance(getattr(block, "ln_attn", torch.nn.Identity()), torch.nn.Identity)):
-        return block(x)
+    contiguous tensors with scaled_dot_product_attention; blocks of any other shape run as they are.
+    class_token_only: only the class token's output (B, 1, C), for a last block whose patch outputs a dense
+    variant replaces (a twelfth of a ViT-B's cost saved)."""
+    if not _fast_path(block):
+        return block(x)[:, :1] if class_token_only else block(x)
+    attn = block.attn
     batch, tokens, channels = x.shape
     heads = attn.num_heads
-    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.reshape(batch, tokens, heads, channels // heads).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, channels)
+    y = block.ln_1(x)
+    if class_token_only:  # attention rows are independent: the class token's output needs only its own query
+        weight, bias = attn.in_proj_weight, attn.in_proj_bias
+        q = F.linear(y[:, :1], weight[:channels], bias[:channels])
+        k, v = F.linear(y, weight[channels:], bias[channels:]).chunk(2, dim=-1)
+        x = x[:, :1]
+    else:
+        q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(batch, t.shape[1], heads, channels // heads).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, x.shape[1], channels)
     x = x + block.ls_1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _fast_path(block: torch.nn.Module) -> bool:
+    """An open_clip block of the usual shape (self-attention through nn.MultiheadAttention, no extra norms)."""
+    attn = getattr(block, "attn", None)
+    return (isinstance(attn, torch.nn.MultiheadAttention) and attn._qkv_same_embed_dim
+            and not hasattr(block, "ln_1_kv")
+            and isinstance(getattr(block, "ln_attn", torch.nn.Identity()), torch.nn.Identity))
 
 
 def _standard_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

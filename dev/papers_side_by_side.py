@@ -21,6 +21,7 @@ __init__ sets from its keyword arguments, exactly as __init__ does.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -241,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
                     entry["theirs_s"] = median_time(theirs.predict, args.time_runs, image, short)
                     entry["ours_s"] = median_time(ours.segment, args.time_runs, image, prepared)
                     entry["speed_ratio"] = entry["theirs_s"] / entry["ours_s"]
+                    bf16 = ours.with_config(dataclasses.replace(ours.config, precision="bf16"))
+                    entry["ours_bf16_s"] = median_time(bf16.segment, args.time_runs, image, prepared)
+                    entry["bf16_vs_fp32"] = entry["ours_s"] / entry["ours_bf16_s"]
+                    entry["bf16_labels_equal_fp32"] = float((bf16.segment(image, prepared).labels
+                                                             == mine.labels).mean())
                 report.append(entry)
                 print(json.dumps(entry), flush=True)
     if set(wanted) == {row.name for row in EXACTNESS_ROWS}:

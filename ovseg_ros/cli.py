@@ -97,7 +97,13 @@ def segment_command(args: argparse.Namespace) -> int:
     except VocabularyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    pipeline = build_pipeline(settings, cameras=[""], vocabulary=vocabulary, warm_up=False)
+    from .core.registry import ModelError
+
+    try:
+        pipeline = build_pipeline(settings, cameras=[""], vocabulary=vocabulary, warm_up=False)
+    except ModelError as exc:  # a model not installed, or a file that is not the model: the reason, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     frames = []

@@ -69,3 +69,8 @@ def test_bad_inputs_exit_2_with_a_message(tmp_path):
     too_many = run("segment", str(tmp_path / "broken.png"), "--vocab", "cat", "--out", str(tmp_path / "o"),
                    "--batch", "9")
     assert too_many.returncode == 2 and "--batch" in too_many.stderr
+    # the official weights are not installed here: refused with the fetch command, not a traceback
+    unfetched = run("segment", str(tmp_path / "broken.png"), "--vocab", "cat", "--out", str(tmp_path / "o"),
+                    "--preset", "naclip-vit-b16", "--quiet")
+    assert unfetched.returncode == 2 and "ovseg-models fetch clip-vit-b16-openai" in unfetched.stderr
+    assert "Traceback" not in unfetched.stderr

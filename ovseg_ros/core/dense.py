@@ -116,6 +116,11 @@ class DenseConfig:
         if self.synonym_merge not in SYNONYM_MERGES:
             raise ValueError(f"synonym_merge must be one of {', '.join(SYNONYM_MERGES)}, got {self.synonym_merge!r}")
 
+    @property
+    def below_threshold_label(self) -> int:
+        """The label of pixels below score_threshold: UNLABELLED, or class 0 (below_threshold first_class)."""
+        return 0 if self.below_threshold == "first_class" else UNLABELLED
+
     def pamr_dilations_for(self, size: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, ...]:
         """PAMR's dilations in frame pixels, for a frame of `size` (H, W) resized to `canvas` for the tower."""
         dilations = tuple(int(d) for d in self.pamr_dilations)
@@ -150,12 +155,15 @@ class PreparedVocabulary:
     def class_probabilities(self, features: torch.Tensor, scale: float) -> torch.Tensor:
         """(N, D) normalised image features -> (N, C) class probabilities (softmax over queries, max per class)."""
         text = self.text_embeddings.to(features.device)
-        probs = torch.softmax(scale * features.float() @ text.T, dim=-1)
+        return self.merge_queries(torch.softmax(scale * features.float() @ text.T, dim=-1)).cpu()
+
+    def merge_queries(self, probs: torch.Tensor) -> torch.Tensor:
+        """(N, Q) query probabilities -> (N, C) class probabilities: each class takes its best query."""
         if self.query_classes is None:
-            return probs.cpu()
-        owners = self.query_classes.to(features.device).expand(probs.shape[0], -1)
-        out = torch.zeros(probs.shape[0], len(self.vocabulary), device=features.device)
-        return out.scatter_reduce_(1, owners, probs, reduce="amax", include_self=False).cpu()
+            return probs
+        owners = self.query_classes.to(probs.device).expand(probs.shape[0], -1)
+        out = torch.zeros(probs.shape[0], len(self.vocabulary), device=probs.device)
+        return out.scatter_reduce_(1, owners, probs, reduce="amax", include_self=False)
 
 
 @dataclass
@@ -467,13 +475,13 @@ class DenseSegmenter:
         return F.interpolate(canvas[None], size=size, mode="bilinear", align_corners=False)[0]
 
     def _pamr_affinity(self, image_rgb: np.ndarray, frame: FrameFeatures,
-                       pixels: torch.Tensor | None) -> PamrAffinity | None:
+                       pixels: torch.Tensor) -> PamrAffinity | None:
         """PAMR's neighbour weights for this frame (None when PAMR is off): from the camera frame, or from the
         normalised model input `pixels` (3, h, w) upsampled to the frame (pamr_guide "input")."""
         if self.config.pamr_steps <= 0:
             return None
         size = image_rgb.shape[:2]
-        if self.config.pamr_guide == "input" and pixels is not None:
+        if self.config.pamr_guide == "input":
             guide = F.interpolate(pixels[None].float(), size=size, mode="bilinear", align_corners=False)[0]
         else:
             guide = torch.from_numpy(image_rgb).to(frame.grid.device).permute(2, 0, 1).float()
@@ -498,7 +506,7 @@ class DenseSegmenter:
             yield start, part * self.pixel_logit_scale
 
     def _label(self, image_rgb: np.ndarray, frame: FrameFeatures, prepared: PreparedVocabulary,
-               timings: dict[str, float], pixels: torch.Tensor | None = None) -> SegmentationResult:
+               timings: dict[str, float], pixels: torch.Tensor) -> SegmentationResult:
         """One image's tower outputs -> its label map (per-pixel work limited to the selected queries)."""
         clock = _Stopwatch(timings)
         device = frame.grid.device
@@ -529,18 +537,14 @@ class DenseSegmenter:
         if self.config.tag_validation_top_k > 0:
             class_index = self.validate_tags(class_index, frame.grid, prepared, selected)
             clock.lap("tag_validation")
-        result = summarise(class_index, confidence, prepared, self.config.score_threshold, self.below_threshold_label)
+        result = summarise(class_index, confidence, prepared, self.config.score_threshold,
+                           self.config.below_threshold_label)
         clock.lap("postprocess")
         result.timings_ms = timings
         result.dense_features = frame.grid
         result.selected_classes = sorted({int(c) for c in prepared.query_class_index[selected.cpu()]})
         result.config = self.config
         return result
-
-    @property
-    def below_threshold_label(self) -> int:
-        """The label of pixels below score_threshold: UNLABELLED, or class 0 (below_threshold first_class)."""
-        return 0 if self.config.below_threshold == "first_class" else UNLABELLED
 
     def _small_classes(self, class_index: np.ndarray, classes: int) -> list[int]:
         """SCLIP's area_thd: the classes predicted on at most area_threshold of the counted pixels, absent ones
@@ -566,11 +570,9 @@ class DenseSegmenter:
         clock = _Stopwatch({})
         scaled = torch.cat([part for _, part in frozen._refined_logits(image_rgb, frame, text, queries, affinity,
                                                                        clock)])
-        probs = torch.softmax(scaled.float(), dim=0)
-        owners = prepared.query_class_index.to(probs.device)
-        out = torch.zeros(len(prepared.vocabulary), *probs.shape[1:], device=probs.device)
-        index = owners.view(-1, 1, 1).expand_as(probs)
-        return out.scatter_reduce_(0, index, probs, reduce="amax", include_self=False).cpu()
+        probs = torch.softmax(scaled.float(), dim=0)  # (Q, H, W)
+        merged = prepared.merge_queries(probs.flatten(1).T)  # (H * W, C)
+        return merged.T.reshape(-1, *probs.shape[1:]).cpu()
 
 
 class RunningArgmax:
@@ -657,7 +659,7 @@ def guided_filter_maps(grey: np.ndarray, maps: torch.Tensor) -> torch.Tensor:
 def relabel(result: SegmentationResult, labels: np.ndarray, prepared: PreparedVocabulary,
             threshold: float) -> SegmentationResult:
     """The same frame's result with a refined label map (statistics recomputed, timings and features kept)."""
-    below = 0 if result.config is not None and result.config.below_threshold == "first_class" else UNLABELLED
+    below = result.config.below_threshold_label if result.config is not None else UNLABELLED
     refined = summarise(labels, result.confidence, prepared, threshold, below)
     refined.timings_ms = result.timings_ms
     refined.dense_features = result.dense_features

@@ -170,7 +170,7 @@ class ClipDenseEncoder:
             x = x.transpose(0, 1)
         last = blocks[-1]
         recipe = _RECIPES[variant]
-        if recipe.attention != "standard" and batch_first and _fast_path(last):
+        if recipe.attention != "standard" and batch_first:
             cls_out = _batch_first_block(last, x, class_token_only=True)  # the patches' outputs are not needed
         else:
             standard = _batch_first_block(last, x) if batch_first else _standard_block(last, x)
@@ -219,7 +219,7 @@ def _batch_first_block(block: torch.nn.Module, x: torch.Tensor, class_token_only
     if not _fast_path(block):
         return block(x)[:, :1] if class_token_only else block(x)
     attn = block.attn
-    batch, tokens, channels = x.shape
+    batch, _, channels = x.shape
     heads = attn.num_heads
     y = block.ln_1(x)
     if class_token_only:  # attention rows are independent: the class token's output needs only its own query
@@ -229,7 +229,7 @@ def _batch_first_block(block: torch.nn.Module, x: torch.Tensor, class_token_only
         x = x[:, :1]
     else:
         q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.reshape(batch, t.shape[1], heads, channels // heads).transpose(1, 2) for t in (q, k, v))
+    q, k, v = (_split_heads(t, heads) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, x.shape[1], channels)
     x = x + block.ls_1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
@@ -241,6 +241,11 @@ def _fast_path(block: torch.nn.Module) -> bool:
     return (isinstance(attn, torch.nn.MultiheadAttention) and attn._qkv_same_embed_dim
             and not hasattr(block, "ln_1_kv")
             and isinstance(getattr(block, "ln_attn", torch.nn.Identity()), torch.nn.Identity))
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, C) -> (B, heads, N, C / heads)."""
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
 
 def _standard_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -258,10 +263,7 @@ def _modified_last_block(block: torch.nn.Module, x: torch.Tensor, recipe: _LastB
     y = block.ln_1(x)
     q, k, v = F.linear(y, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
 
-    def split(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(batch, tokens, heads, head_dim).transpose(1, 2)
-
-    q, k, v = split(q), split(k), split(v)
+    q, k, v = (_split_heads(t, heads) for t in (q, k, v))
     scale = 1.0 / math.sqrt(head_dim)
     if recipe.attention == "value":
         out = v

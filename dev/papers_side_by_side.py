@@ -41,6 +41,7 @@ from ovseg_ros.bench.paper_configs import (  # noqa: E402
     EXACTNESS_ROWS,
     PAPER_VOCABULARY,
     PROBABILITY_STRIDE,
+    PaperSegmenter,
     exactness_images,
     image_digest,
     probability_samples,
@@ -169,23 +170,6 @@ class PaperSegmentor:
 
 
 # ---------------------------------------------------------------- our side
-def our_segmenter(weights: Path, preset: str):
-    from ovseg_ros.core.pipeline import build_segmenter
-    from ovseg_ros.core.settings import make_settings
-    from ovseg_ros.core.vocabulary import make_vocabulary
-
-    settings = make_settings({"preset": preset, "clip_model": f"{ARCH}:{weights}"})
-    segmenter = build_segmenter(settings)
-    vocabulary = make_vocabulary(list(PAPER_VOCABULARY), templates=list(settings.prompt_templates))
-    return settings, segmenter, segmenter.prepare(vocabulary)
-
-
-def our_row(settings, segmenter, overrides: dict):
-    from ovseg_ros.core.settings import check_consistent, replace_settings
-
-    return segmenter.with_config(check_consistent(replace_settings(settings, overrides)))
-
-
 def median_time(run, repeats: int, *args) -> float:
     times = []
     for _ in range(repeats):
@@ -220,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             continue
         theirs = PaperSegmentor(paper, repo, weights.with_suffix(".pt"), names_file)
-        settings, segmenter, prepared = our_segmenter(weights, rows[0].preset)
+        side = PaperSegmenter.build(rows[0].preset, weights)
+        prepared = side.prepared
         for row in rows:
             theirs.configure(**row.theirs)
-            ours = our_row(settings, segmenter, row.ours)
+            ours = side.row(row.ours)
             for image_name, image in images.items():
                 labels, probs = theirs.predict(image, ours.config.input_size)
                 mine = ours.segment(image, prepared)

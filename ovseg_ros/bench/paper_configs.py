@@ -22,15 +22,18 @@ PAPER_VOCABULARY = (
 )
 
 
+PAPER_PRESETS = {"NACLIP": "naclip-vit-b16", "SCLIP": "sclip-vit-b16"}
+
+
 @dataclass(frozen=True)
 class ReleasedConfig:
     paper: str  # NACLIP or SCLIP
     config: str  # its configs/cfg_*.py
     parameters: dict[str, object]  # ours, over the paper's preset
-    preset: str = ""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "preset", "naclip-vit-b16" if self.paper == "NACLIP" else "sclip-vit-b16")
+    @property
+    def preset(self) -> str:
+        return PAPER_PRESETS[self.paper]
 
 
 _BACKGROUND = {"score_threshold": 0.1, "below_threshold": "first_class"}
@@ -65,7 +68,7 @@ class ExactnessRow:
 
     @property
     def preset(self) -> str:
-        return "naclip-vit-b16" if self.paper == "NACLIP" else "sclip-vit-b16"
+        return PAPER_PRESETS[self.paper]
 
 
 EXACTNESS_ROWS: tuple[ExactnessRow, ...] = (
@@ -81,6 +84,34 @@ EXACTNESS_ROWS: tuple[ExactnessRow, ...] = (
 )
 
 PROBABILITY_STRIDE = 32  # fixtures keep every class's probability at every 32nd pixel (from 16) of each axis
+
+
+@dataclass
+class PaperSegmenter:
+    """Our side of a comparison: a paper's preset built by the node's factory with other weights, and its
+    vocabulary prepared; `row` gives the segmenter of one exactness row."""
+
+    settings: object  # ovseg_ros.core.settings.Settings
+    segmenter: object  # ovseg_ros.core.dense.DenseSegmenter
+    prepared: object  # ovseg_ros.core.dense.PreparedVocabulary
+
+    @classmethod
+    def build(cls, preset: str, weights) -> PaperSegmenter:
+        from ..core.pipeline import build_segmenter
+        from ..core.settings import make_settings
+        from ..core.vocabulary import make_vocabulary
+        from .seeded_clip import ARCH
+
+        settings = make_settings({"preset": preset, "clip_model": f"{ARCH}:{weights}"})
+        segmenter = build_segmenter(settings)
+        vocabulary = make_vocabulary(list(PAPER_VOCABULARY), templates=list(settings.prompt_templates))
+        return cls(settings, segmenter, segmenter.prepare(vocabulary))
+
+    def row(self, overrides: dict[str, object]):
+        """The segmenter frozen to this preset with `overrides` (checked as the node checks parameters)."""
+        from ..core.settings import check_consistent, replace_settings
+
+        return self.segmenter.with_config(check_consistent(replace_settings(self.settings, overrides)))
 
 
 def exactness_images() -> dict[str, np.ndarray]:

@@ -19,14 +19,12 @@ import pytest
 from ovseg_ros.bench.paper_configs import (
     EXACTNESS_ROWS,
     PAPER_VOCABULARY,
+    PaperSegmenter,
     exactness_images,
     image_digest,
     probability_samples,
 )
-from ovseg_ros.bench.seeded_clip import ARCH, seeded_state_dict, state_dict_digest, write_seeded_weights
-from ovseg_ros.core.pipeline import build_segmenter
-from ovseg_ros.core.settings import check_consistent, make_settings, replace_settings
-from ovseg_ros.core.vocabulary import make_vocabulary
+from ovseg_ros.bench.seeded_clip import seeded_state_dict, state_dict_digest, write_seeded_weights
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "papers"
 META = json.loads((FIXTURES / "papers.json").read_text())
@@ -57,13 +55,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def segmenters(weights):
-    built = {}
-    for preset in sorted({row.preset for row in EXACTNESS_ROWS}):
-        settings = make_settings({"preset": preset, "clip_model": f"{ARCH}:{weights}"})
-        segmenter = build_segmenter(settings)
-        vocabulary = make_vocabulary(list(PAPER_VOCABULARY), templates=list(settings.prompt_templates))
-        built[preset] = (settings, segmenter, segmenter.prepare(vocabulary))
-    return built
+    return {preset: PaperSegmenter.build(preset, weights) for preset in sorted({row.preset for row in EXACTNESS_ROWS})}
 
 
 def test_fixtures_were_made_for_these_rows():
@@ -73,8 +65,8 @@ def test_fixtures_were_made_for_these_rows():
 
 @pytest.mark.parametrize("row", EXACTNESS_ROWS, ids=lambda row: row.name)
 def test_label_maps_and_probabilities_equal_the_papers_code(row, arrays, images, segmenters):
-    settings, segmenter, prepared = segmenters[row.preset]
-    ours = segmenter.with_config(check_consistent(replace_settings(settings, row.ours)))
+    side = segmenters[row.preset]
+    ours, prepared = side.row(row.ours), side.prepared
     for name, image in images.items():
         key = f"{row.name}/{name}"
         expected = arrays[f"{key}/labels"].astype(np.int64)

@@ -78,6 +78,8 @@ class DenseConfig:
     tag_validation_top_k: int = 0  # >0: relabel a region whose label is not in its mask-pooled top-k
     refinement: str = "none"  # "none" or "guided" (edge-aware guided filter on the class maps)
     precision: str = "fp32"  # "fp32", or autocast to "bf16" (CPU matrix units) / "fp16" (CUDA)
+    # SED only: its fast inference (TEST.FAST_INFERENCE with TEST.TOPK = fast_top_k); 0 = off
+    fast_top_k: int = 0
 
     def __post_init__(self) -> None:
         if self.variant not in DENSE_VARIANTS:
@@ -90,8 +92,10 @@ class DenseConfig:
             raise ValueError("class_chunk must be >= 1")
         if not 0.0 <= self.selection_threshold <= 1.0:
             raise ValueError(f"selection_threshold must be in [0, 1], got {self.selection_threshold}")
-        if self.window_stride < 0 or self.tag_validation_top_k < 0 or self.selection_patch_top_k < 1:
-            raise ValueError("window_stride and tag_validation_top_k must be >= 0, selection_patch_top_k >= 1")
+        if self.window_stride < 0 or self.tag_validation_top_k < 0 or self.selection_patch_top_k < 1 \
+                or self.fast_top_k < 0:
+            raise ValueError("window_stride, tag_validation_top_k and fast_top_k must be >= 0, "
+                             "selection_patch_top_k >= 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.refinement not in REFINEMENTS:
@@ -141,6 +145,7 @@ class PreparedVocabulary:
     vocabulary: Vocabulary
     text_embeddings: torch.Tensor  # (Q, D) normalised, one row per query
     query_classes: torch.Tensor | None = None  # (Q,) int64 class of each query; None = query i is class i
+    template_embeddings: torch.Tensor | None = None  # (C, P, D) one row per template (SED's cost volume)
 
     @property
     def version(self) -> int:

@@ -623,15 +623,25 @@ def usable_precision(precision: str, device: torch.device) -> tuple[str, str | N
 def build_segmenter(settings: Settings) -> DenseSegmenter:
     """The dense segmenter `settings` describe: CLIP from the registry, text cache, backend built and checked."""
     from .backends import BackendUnavailable
-    from .registry import ModelError, load_clip
+    from .registry import ModelError, load_clip, load_sed
 
-    encoder = load_clip(settings.clip_model, device=settings.device)
-    cache = TextEmbeddingCache(encoder.encode_text, encoder.model_id, settings.text_cache_dir or None)
     config = check_consistent(settings)
+    encoder = load_sed(settings.dense_model, device=settings.device) if settings.dense_model \
+        else load_clip(settings.clip_model, device=settings.device)
+    cache = TextEmbeddingCache(encoder.encode_text, encoder.model_id, settings.text_cache_dir or None)
     precision, reason = usable_precision(config.precision, encoder.device)
     if reason:
         LOG.warning("precision %s: %s; running %s", config.precision, reason, precision)
         config = dataclasses.replace(config, precision=precision)
+    if settings.dense_model:
+        from .sed import SedSegmenter
+
+        try:
+            segmenter: DenseSegmenter = SedSegmenter(encoder, cache, config, backend=settings.backend,
+                                                     engine_cache_dir=settings.engine_cache_dir or None)
+        except ValueError as exc:
+            raise ModelError(str(exc)) from exc
+        return segmenter
     segmenter = DenseSegmenter(encoder, cache, config, backend=settings.backend,
                                engine_cache_dir=settings.engine_cache_dir or None)
     try:
@@ -663,7 +673,11 @@ def build_pipeline(settings: Settings, cameras: list[str] | None = None, vocabul
     names = cameras if cameras is not None else parse_camera_names(settings.cameras)
     segmenter = build_segmenter(settings)
     if segmenter.encoder.model_id.split("@")[1].startswith("random"):
-        log(logging.WARNING, f"CLIP '{settings.clip_model}' runs with seeded random weights: the labels mean nothing")
+        model = f"SED '{settings.dense_model}'" if settings.dense_model else f"CLIP '{settings.clip_model}'"
+        log(logging.WARNING, f"{model} runs with seeded random weights: the labels mean nothing")
+    if settings.dense_model:
+        log(logging.INFO, f"dense model {settings.dense_model}: its CLIP labels prompts and objects "
+                          f"(clip_model '{settings.clip_model}' is not loaded)")
     log(logging.INFO, f"image tower backend: {segmenter.runner().name}")
     prompter = build_prompter(settings, segmenter)
     if prompter is None:

@@ -13,6 +13,10 @@ Sources (read in the released code, not guessed):
 - ClearCLIP (Lan et al., ECCV 2024), github.com/mc-lan/ClearCLIP: `clearclip_segmentor.py` (logit_scale 50,
   slide_crop 448, slide_stride 224, no PAMR), `configs/cfg_*.py` (Resize (2048, 448): short side 448).
 - All three: `prompts/imagenet_template.py` (CLIP's 80 ImageNet templates, embeddings averaged per name).
+- SED (Xie et al., CVPR 2024), github.com/xb534/SED: `configs/convnext{B,L}_768.yaml` and `sed/config.py` (the
+  network and its test settings: MIN_SIZE_TEST 640, the 768-pixel CLIP input, PROMPT_ENSEMBLE_TYPE imagenet),
+  `sed/modeling/transformer/sed_predictor.py` (synonyms ', ' averaged per template), README and `eval.sh`
+  (SED-fast: TEST.FAST_INFERENCE True TEST.TOPK 8; no PAMR, no threshold, no sliding window).
 """
 
 from __future__ import annotations
@@ -54,6 +58,29 @@ _PAPERS_SOURCES = {"clip_model": _OPENAI_B16, "prompt_templates": _TEMPLATES, "s
                    "whole_image_resize": _WHOLE_EXACT,
                    "below_threshold": "prob_thd sets label 0 (the background class) only on sets that have one",
                    "area_threshold": "SCLIP's area_thd is set only in its VOC21 config"}
+
+_SED_SETTINGS = {"score_threshold": 0.0, "pamr_steps": 0, "prompt_templates": ["imagenet80"],
+                 "synonym_merge": "mean", "selection_threshold": 0.0, "tag_validation_top_k": 0,
+                 "window_stride": 0}
+_SED_SOURCES = {"prompt_templates": "SED PROMPT_ENSEMBLE_TYPE imagenet (80 templates, one cost-volume channel each)",
+                "synonym_merge": "SED sed_predictor.py class_embeddings: synonyms averaged per template",
+                "score_threshold": "SED evaluates the argmax of sem_seg (no threshold)",
+                "pamr_steps": "SED has no PAMR", "selection_threshold": "SED has no DCS; its fast inference rejects",
+                "window_stride": "SED's forward sets sliding_window False",
+                "tag_validation_top_k": "SED has no tag validation"}
+
+
+def _sed_preset(size: str, fast: bool) -> Preset:
+    letter = size[0].upper()
+    name = f"sed-convnext-{size[0]}"
+    description = (f"SED{'-fast' if fast else ''} ({letter}), trained on COCO-Stuff: ConvNeXt-{letter} CLIP, "
+                   f"cost volume and gradual-fusion decoder" + (", top-8 class rejection" if fast else ""))
+    return Preset(name + ("-fast" if fast else ""), description,
+                  {**_SED_SETTINGS, "dense_model": name, "fast_top_k": 8 if fast else 0},
+                  {**_SED_SOURCES, "dense_model": f"SED README checkpoint SED{'-fast' if fast else ''} ({letter})",
+                   "fast_top_k": ("SED README / eval.sh: TEST.FAST_INFERENCE True TEST.TOPK 8" if fast
+                                  else "SED configs: TEST.FAST_INFERENCE False")})
+
 
 PRESETS: dict[str, Preset] = {
     preset.name: preset for preset in (
@@ -107,6 +134,7 @@ PRESETS: dict[str, Preset] = {
              "the demo CLIP learned at 224 px: sand read as wall)",
              "pamr_dilation_unit": "README, tracking at 640x480: IDF1 0.797 with 8/16 frame pixels, 0.854 with "
              "8/16 input pixels (16/32 frame pixels)"}),
+        *(_sed_preset(size, fast) for size in ("base", "large") for fast in (False, True)),
     )
 }
 

@@ -28,13 +28,14 @@ class ModelError(RuntimeError):
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    kind: str  # "clip" or "sam"
-    arch: str  # open_clip architecture, or SAM registry key (vit_b, vit_l, vit_h, vit_t, demo)
+    kind: str  # "clip", "sam" or "sed"
+    arch: str  # open_clip architecture, SAM registry key (vit_b, vit_l, vit_h, vit_t, demo) or SED architecture
     file: str  # file name, looked up in the model directories
     url: str = ""
-    sha256: str = ""
+    sha256: str = ""  # empty: not published; recorded on the first fetch (FILE.sha256) and verified after that
     license: str = ""
     description: str = ""
+    size: str = ""  # download size, as the publisher states it
 
 
 def models_dirs() -> list[Path]:
@@ -93,6 +94,37 @@ def locate(entry: ModelEntry) -> Path:
     )
 
 
+def recorded_sha256(path: Path) -> Path:
+    """Where the sha256 of a file whose publisher gives none is recorded on its first fetch."""
+    return path.with_name(path.name + ".sha256")
+
+
+def verify_entry(path: Path, entry: ModelEntry) -> None:
+    """The manifest's sha256, or the one recorded on the first fetch; a file with neither (copied in by hand)
+    gets its sha256 recorded now, so a later change is caught."""
+    if entry.sha256:
+        verify(path, entry.sha256, entry.name)
+        return
+    record = recorded_sha256(path)
+    if record.is_file():
+        verify(path, record.read_text().split()[0], entry.name)
+        return
+    verify(path, "", entry.name)
+    try:
+        _write_atomic(record, f"{sha256_of(path)}  {path.name}\n")
+        LOG.warning("'%s' has no published sha256: recorded %s now; later loads verify against it", entry.name,
+                    record)
+    except OSError as exc:
+        LOG.warning("'%s' has no published sha256 and %s cannot be written (%s): not verified", entry.name,
+                    record, exc)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(text)
+    partial.replace(path)
+
+
 def verify(path: Path, expected_sha256: str, name: str) -> None:
     if not path.is_file():
         raise ModelError(f"model file {path} does not exist")
@@ -121,7 +153,7 @@ def resolve(name_or_path: str, kind: str) -> tuple[str, Path | None, ModelEntry 
         if entry.kind != kind:
             raise ModelError(f"'{name_or_path}' is a {entry.kind} model, not a {kind} model")
         path = locate(entry)
-        verify(path, entry.sha256, entry.name)
+        verify_entry(path, entry)
         return entry.arch, path, entry
     arch, _, file = name_or_path.partition(":")
     if file:
@@ -153,6 +185,22 @@ def load_clip(name_or_path: str, device: str = "cpu", seed: int = 0):
     tokenizer = open_clip.get_tokenizer(arch)
     model_id = f"{arch}@{sha256_of(path)[:12]}" if path else f"{arch}@random{seed}"
     return ClipDenseEncoder(model, tokenizer, model_id, device=device)
+
+
+def load_sed(name_or_path: str, device: str = "cpu", seed: int = 0):
+    """Build an SedEncoder (SED's network and its CLIP) from a manifest name, 'ARCH' or 'ARCH:/path/to/ckpt'."""
+    from .modeling.sed import sed_config_names
+    from .sed import build_sed_encoder
+
+    arch, path, _ = resolve(name_or_path, "sed")
+    if arch not in sed_config_names():
+        raise ModelError(f"unknown SED architecture '{arch}'; choose one of {', '.join(sed_config_names())}")
+    if path is None:
+        LOG.warning("SED '%s' has no weights: seeded random init (seed %d); outputs are meaningless", arch, seed)
+    try:
+        return build_sed_encoder(arch, path, device=device, seed=seed)
+    except Exception as exc:  # a wrong or truncated checkpoint surfaces here
+        raise ModelError(f"cannot load SED '{name_or_path}' ({arch}) from {path}: {exc}") from exc
 
 
 SAM_ARCHS = ("demo", "vit_b", "vit_l", "vit_h", "vit_t")
@@ -203,14 +251,32 @@ def fetch(name: str, force: bool = False) -> Path:
     target_dir.mkdir(parents=True, exist_ok=True)
     target = target_dir / entry.file
     if target.is_file() and not force:
-        verify(target, entry.sha256, name)
+        verify_entry(target, entry)
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(target.suffix + ".part")
     LOG.info("downloading %s from %s", name, entry.url)
-    urllib.request.urlretrieve(entry.url, partial)  # noqa: S310 - the user asked for this download
+    download(entry.url, partial)
     verify(partial, entry.sha256, name)
+    if not entry.sha256:  # nothing published to check against: record it now, verify against it from now on
+        _write_atomic(recorded_sha256(target), f"{sha256_of(partial)}  {target.name}\n")
     partial.replace(target)
     return target
+
+
+def download(url: str, target: Path) -> None:
+    """Fetch `url` into `target`. Google Drive links (where SED's checkpoints are) go through gdown, which
+    handles Drive's large-file confirmation page; everything else through urllib."""
+    if "drive.google.com" in url:
+        try:
+            import gdown
+        except ImportError as exc:
+            raise ModelError("this model is on Google Drive: pip install gdown, then fetch again") from exc
+        if gdown.download(url, str(target), quiet=False, fuzzy=True) is None:
+            raise ModelError(f"Google Drive refused the download of {url} (quota or permissions): retry later, or "
+                             "download it in a browser into a models directory (ovseg-models list names them)")
+        return
+    urllib.request.urlretrieve(url, target)  # noqa: S310 - the user asked for this download
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in args.names or list(manifest):
                 entry = manifest[name]
                 try:
-                    verify(locate(entry), entry.sha256, name)
+                    verify_entry(locate(entry), entry)
                     print(f"ok       {name}")
                 except ModelError as exc:
                     failed += 1

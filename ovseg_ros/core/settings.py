@@ -64,6 +64,9 @@ SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("clip_model", "ovseg-demo-clip",
               "CLIP: a models/manifest.yaml name, an open_clip architecture (seeded random init), or ARCH:/path",
               read_only=True),
+    ParamSpec("dense_model", "", "a trained dense segmenter instead of clip_model's training-free dense pass: a "
+              "manifest name (sed-convnext-b, sed-convnext-l), an SED architecture (seeded random init) or ARCH:/path; "
+              "its own CLIP then also labels prompts and objects; empty = clip_model", read_only=True),
     ParamSpec("sam_model", "ovseg-demo-sam",
               "SAM for prompts: a manifest name or ARCH:/path (demo, vit_b, vit_l, vit_h, vit_t); empty disables",
               read_only=True),
@@ -124,6 +127,9 @@ SPECS: tuple[ParamSpec, ...] = (
               "0 = off", low=0, high=100, dense_field="tag_validation_top_k"),
     ParamSpec("refinement", "none", "edge-aware refinement of the class maps", choices=REFINEMENTS,
               dense_field="refinement"),
+    ParamSpec("fast_top_k", 0, "SED's fast inference (dense_model sed-*): after the cost embedding and each "
+              "decoder stage, classes in no pixel's top-k are dropped; 0 = off (the released SED-fast: 8)",
+              low=0, high=1000, dense_field="fast_top_k"),
     ParamSpec("vocabulary", list(DEFAULT_VOCABULARY), "initial class names (';' separates synonyms)", read_only=True),
     ParamSpec("prompt_templates", list(DEFAULT_TEMPLATES), "initial prompt templates, each with one '{}', or the "
               "name of a template set (imagenet80: CLIP's 80 ImageNet templates)", read_only=True),
@@ -250,6 +256,12 @@ def check_consistent(settings: Settings) -> DenseConfig:
         raise ValueError("refinement 'sam' refines the dense labels with SAM and needs sam_model (it is empty)")
     if settings.track_objects and settings.track_source == "everything" and not settings.sam_model:
         raise ValueError("track_source 'everything' tracks SAM's masks and needs sam_model (it is empty)")
+    if settings.dense_model:
+        from .sed import check_sed_config
+
+        check_sed_config(config)
+    elif config.fast_top_k:
+        raise ValueError("fast_top_k is SED's fast inference and needs dense_model (it is empty)")
     return config
 
 
@@ -257,7 +269,7 @@ def describe_settings(settings: Settings) -> str:
     """The model and dense settings in force, each marked '*' where it differs from the preset's value."""
     preset = preset_defaults(settings.preset)
     parts = []
-    for name in ["clip_model", *sorted(DENSE_PARAMETERS)]:
+    for name in ["clip_model", "dense_model", *sorted(DENSE_PARAMETERS)]:
         value = getattr(settings, name)
         value = list(value) if isinstance(value, tuple) else value
         parts.append(f"{name}={value}{'' if value == preset[name] else '*'}")

@@ -34,7 +34,12 @@ class BackendUnavailable(RuntimeError):
 
 
 class DenseTower(torch.nn.Module):
-    """Exactly the module every backend compiles: normalised pixels -> (global (B, D), dense (B, h, w, D))."""
+    """Exactly the module every backend compiles: normalised pixels -> (global (B, D), dense (B, h, w, D)).
+
+    Any module with `encoder` (its `device` and `model_id`), `variant` and `output_names` runs through the same
+    backends (SED's tower: ``core/sed.py``)."""
+
+    output_names = ("global", "dense")
 
     def __init__(self, encoder: ClipDenseEncoder, variant: str) -> None:
         super().__init__()
@@ -153,11 +158,10 @@ class OnnxRunner(TowerRunner):
         self.sessions[shape] = session
         return session
 
-    def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         session = self._session(tuple(pixels.shape))
-        global_emb, dense = session.run(None, {"pixels": pixels.detach().cpu().numpy()})
-        device = pixels.device
-        return torch.from_numpy(global_emb).to(device), torch.from_numpy(dense).to(device)
+        outputs = session.run(None, {"pixels": pixels.detach().cpu().numpy()})
+        return tuple(torch.from_numpy(output).to(pixels.device) for output in outputs)
 
 
 def export_onnx(tower: DenseTower, shape: tuple[int, ...], path: Path) -> None:
@@ -168,7 +172,7 @@ def export_onnx(tower: DenseTower, shape: tuple[int, ...], path: Path) -> None:
     tmp = path.with_suffix(".tmp.onnx")
     example = torch.zeros((2, *shape[-3:]), device=tower.encoder.device)  # batch 1 would be specialised away
     with torch.inference_mode(False), torch.no_grad():
-        torch.onnx.export(tower, (example,), str(tmp), input_names=["pixels"], output_names=["global", "dense"],
+        torch.onnx.export(tower, (example,), str(tmp), input_names=["pixels"], output_names=list(tower.output_names),
                           dynamo=True, external_data=False, verbose=False,
                           dynamic_shapes={"pixels": {0: Dim("batch", min=1, max=8)}})
     tmp.replace(path)
@@ -234,9 +238,8 @@ class TensorRTRunner(TowerRunner):
         return engine
 
     @torch.inference_mode()
-    def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        global_emb, dense = self._engine(tuple(pixels.shape))(pixels)
-        return global_emb.float(), dense.float()
+    def __call__(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(output.float() for output in self._engine(tuple(pixels.shape))(pixels))
 
 
 class AutoRunner(TowerRunner):
@@ -272,11 +275,12 @@ class AutoRunner(TowerRunner):
 
 
 def make_runner(encoder: ClipDenseEncoder, variant: str, backend: str, precision: str = "fp32",
-                cache_dir: str | Path | None = None) -> TowerRunner:
-    """Build one backend; 'auto' times the available ones (tensorrt, onnxruntime, torch) on the first frame and
-    keeps the fastest, logging the timings and why any was skipped."""
+                cache_dir: str | Path | None = None, tower: torch.nn.Module | None = None) -> TowerRunner:
+    """Build one backend for `tower` (the CLIP dense tower of `encoder` and `variant` by default); 'auto' times
+    the available ones (tensorrt, onnxruntime, torch) on the first frame and keeps the fastest, logging the
+    timings and why any was skipped."""
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    tower = DenseTower(encoder, variant).eval()
+    tower = (tower if tower is not None else DenseTower(encoder, variant)).eval()
     if backend == "torch":
         return TowerRunner(tower)
     if backend == "torch-compile":
@@ -290,7 +294,7 @@ def make_runner(encoder: ClipDenseEncoder, variant: str, backend: str, precision
         order = ["tensorrt", "onnxruntime", "torch"] if encoder.device.type == "cuda" else ["onnxruntime", "torch"]
         for candidate in order:
             try:
-                candidates.append(make_runner(encoder, variant, candidate, precision, cache))
+                candidates.append(make_runner(encoder, variant, candidate, precision, cache, tower))
             except BackendUnavailable as exc:
                 LOG.info("backend auto: %s skipped (%s)", candidate, exc)
         return AutoRunner(tower, candidates)

@@ -264,6 +264,16 @@ def fetch(name: str, force: bool = False) -> Path:
     return target
 
 
+def drive_file_id(url: str) -> str:
+    """The file id of a Google Drive sharing link (.../file/d/ID/view... or ...?id=ID)."""
+    import re
+
+    match = re.search(r"/file/d/([\w-]+)", url) or re.search(r"[?&]id=([\w-]+)", url)
+    if match is None:
+        raise ModelError(f"not a Google Drive file link: {url}")
+    return match.group(1)
+
+
 def download(url: str, target: Path) -> None:
     """Fetch `url` into `target`. Google Drive links (where SED's checkpoints are) go through gdown, which
     handles Drive's large-file confirmation page; everything else through urllib."""
@@ -272,7 +282,7 @@ def download(url: str, target: Path) -> None:
             import gdown
         except ImportError as exc:
             raise ModelError("this model is on Google Drive: pip install gdown, then fetch again") from exc
-        if gdown.download(url, str(target), quiet=False, fuzzy=True) is None:
+        if gdown.download(id=drive_file_id(url), output=str(target), quiet=False) is None:
             raise ModelError(f"Google Drive refused the download of {url} (quota or permissions): retry later, or "
                              "download it in a browser into a models directory (ovseg-models list names them)")
         return

@@ -19,6 +19,7 @@ what is left. PAMR, when asked for, refines the upsampled class probabilities.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import numpy as np
@@ -117,8 +118,22 @@ class SedTextEmbeddings:
         return torch.stack([self.class_embedding(tuple(names), templates) for names in vocabulary.synonyms])
 
 
-class _TorchRunner:
-    name = "torch"
+class SedTower(torch.nn.Module):
+    """SED's image side as the backends compile it: normalised (B, 3, S, S) pixels -> (image embedding (B, D),
+    dense embeddings (B, D, S/32, S/32), guidance res4, res3, res2). The decoder depends on the vocabulary's size
+    (and, with fast inference, on the data), so it stays in torch."""
+
+    output_names = ("global", "dense", "res4", "res3", "res2")
+    variant = "sed"
+
+    def __init__(self, encoder: SedEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.network = encoder.network  # registers the weights
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        dense, guidance, pooled = self.network.image_features(pixels)
+        return (pooled, dense, *guidance)
 
 
 class SedSegmenter(DenseSegmenter):
@@ -131,8 +146,6 @@ class SedSegmenter(DenseSegmenter):
     def __init__(self, encoder: SedEncoder, text_cache: TextEmbeddingCache, config: DenseConfig = DenseConfig(),
                  backend: str = "torch", engine_cache_dir: str | None = None) -> None:
         super().__init__(encoder, text_cache, config, backend, engine_cache_dir)  # type: ignore[arg-type]
-        if backend not in ("torch", "auto"):
-            raise ValueError(f"SED runs on the torch backend; '{backend}' is not available for it yet")
         self.templates = SedTextEmbeddings(encoder)
         self.network = encoder.network
 
@@ -141,8 +154,18 @@ class SedSegmenter(DenseSegmenter):
         return self.network.config
 
     def runner(self):
-        self._active[0] = _TorchRunner()
-        return self._active[0]
+        """The backend running SED's tower (SedTower) for this precision, built once."""
+        from .backends import make_runner
+
+        key = ("sed", self.config.precision)
+        with self._runners_lock:
+            runner = self._runners.get(key)
+            if runner is None:
+                runner = make_runner(self.encoder, "sed", self.backend, self.config.precision,  # type: ignore
+                                     self.engine_cache_dir, tower=SedTower(self.encoder))
+                self._runners[key] = runner
+            self._active[0] = runner
+        return runner
 
     def prepare(self, vocabulary: Vocabulary) -> PreparedVocabulary:
         """Template-averaged class embeddings (prompts, tracking, selection) and SED's per-template ones."""
@@ -168,10 +191,7 @@ class SedSegmenter(DenseSegmenter):
 
     @torch.inference_mode()
     def frame_features(self, image_rgb: np.ndarray) -> torch.Tensor:
-        pixels, _ = self.preprocess_sed(image_rgb)
-        with self._tower_lock, self._autocast():
-            dense, _, _ = self.network.image_features(pixels)
-        return dense_grid(dense)[0]
+        return dense_grid(self.tower(image_rgb)[1])[0]
 
     def tower(self, image_rgb: np.ndarray, timings: dict[str, float] | None = None):
         """SED's forward up to the decoder: (the test-time resized (h, w), dense embeddings (1, D, h', w'),
@@ -179,10 +199,12 @@ class SedSegmenter(DenseSegmenter):
         clock = _Stopwatch(timings if timings is not None else {})
         pixels, resized = self.preprocess_sed(image_rgb)
         clock.lap("preprocess")
-        with self._tower_lock, self._autocast():
-            dense, guidance, pooled = self.network.image_features(pixels)
+        run = self.runner()
+        eager = self.backend in ("torch", "torch-compile", "auto")  # exported backends apply their own precision
+        with self._tower_lock, (self._autocast() if eager else contextlib.nullcontext()):
+            pooled, dense, *guidance = run(pixels)
         clock.lap("image_encoder")
-        return resized, dense, guidance, pooled
+        return resized, dense.float(), [g.float() for g in guidance], pooled.float()
 
     def decode(self, dense: torch.Tensor, guidance: list[torch.Tensor], prepared: PreparedVocabulary,
                classes: torch.Tensor | None = None, timings: dict[str, float] | None = None) -> torch.Tensor:

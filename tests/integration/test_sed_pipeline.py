@@ -103,8 +103,6 @@ def test_bad_settings_and_checkpoints_are_refused_with_the_reason(checkpoint, tm
         settings_for(checkpoint, window_stride=112)
     with pytest.raises(ValueError, match="fast_top_k is SED"):
         make_settings({"fast_top_k": 8})
-    with pytest.raises(ModelError, match="torch backend"):
-        build_pipeline(settings_for(checkpoint, backend="onnxruntime", sam_model=""), cameras=[""], warm_up=False)
     state = checkpoint_state_dict(checkpoint)
     state.pop("sem_seg_head.predictor.transformer.head.bias")
     broken = tmp_path / "broken.pth"
@@ -131,3 +129,42 @@ def test_a_checkpoint_without_a_published_sha256_is_recorded_once_and_verified_a
     weights.write_bytes(b"changed")
     with pytest.raises(ModelError, match="checksum mismatch"):
         registry.resolve("sed-tiny", "sed")
+
+
+def test_the_manifest_names_the_released_checkpoints_and_their_drive_ids_parse():
+    from ovseg_ros.core.registry import drive_file_id, load_manifest
+
+    manifest = load_manifest()
+    for name, file_id in (("sed-convnext-b", "1qx6zGZgSPkF6TObregRz4uzQqSRHrgUw"),
+                          ("sed-convnext-l", "1zAXE0QXy47n0cVn7j_2cSR85eqxdDGg8")):
+        entry = manifest[name]
+        assert entry.kind == "sed" and entry.arch == name and entry.license.startswith("Apache-2.0")
+        assert entry.size and drive_file_id(entry.url) == file_id
+    assert drive_file_id("https://drive.google.com/uc?export=download&id=abc_12-3") == "abc_12-3"
+    with pytest.raises(ModelError, match="not a Google Drive"):
+        drive_file_id("https://drive.google.com/drive/folders")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch-compile"])
+def test_exported_and_compiled_towers_match_eager(checkpoint, backend, tmp_path):
+    """The tower (SedTower: what TensorRT also gets) through another backend; the decoder stays in torch."""
+    eager = build_pipeline(settings_for(checkpoint, sam_model="", track_objects=False), cameras=[""],
+                           warm_up=False).segmenter
+    other = build_pipeline(settings_for(checkpoint, sam_model="", track_objects=False, backend=backend,
+                                        engine_cache_dir=str(tmp_path)), cameras=[""], warm_up=False).segmenter
+    assert other.runner().name == backend
+    prepared = eager.prepare(eager_vocabulary())
+    image = scene(5)
+    with torch.inference_mode():
+        reference = eager.decode(*eager.tower(image)[1:3], prepared)
+        result = other.decode(*other.tower(image)[1:3], prepared)
+    assert (reference - result).abs().max() < 1e-4
+    if backend == "onnxruntime":
+        assert list(tmp_path.glob("*.onnx"))  # cached for the next start
+
+
+def eager_vocabulary():
+    from ovseg_ros.core.templates import IMAGENET80
+    from ovseg_ros.core.vocabulary import Vocabulary
+
+    return Vocabulary(tuple(VOCABULARY), IMAGENET80)

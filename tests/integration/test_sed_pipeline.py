@@ -168,3 +168,19 @@ def eager_vocabulary():
     from ovseg_ros.core.vocabulary import Vocabulary
 
     return Vocabulary(tuple(VOCABULARY), IMAGENET80)
+
+
+def test_the_sed_benchmark_prints_and_writes_its_figures(tmp_path, capsys):
+    import json
+
+    from ovseg_ros.bench.sed_speed import main
+
+    out = tmp_path / "sed.json"
+    assert main(["--arch", "sed-test-tiny", "--classes", "3", "--fast-top-k", "0", "1", "--precisions", "fp32",
+                 "--runs", "1", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "M parameters" in printed and "tower_ms" in printed
+    figures = json.loads(out.read_text())
+    assert [row["fast_top_k"] for row in figures["rows"]] == [0, 1]
+    assert all(row["tower_ms"] > 0 and row["decoder_gflops"] > 0 for row in figures["rows"])
+    assert figures["parameters"] > 1e6

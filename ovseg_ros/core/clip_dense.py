@@ -77,6 +77,39 @@ def gaussian_neighbourhood(grid: tuple[int, int], sigma: float, device: torch.de
     return bias
 
 
+@torch.inference_mode()
+def encode_prompts(model: torch.nn.Module, tokenizer, prompts: list[str], device: torch.device, embed_dim: int,
+                   batch_size: int = 256) -> torch.Tensor:
+    """L2-normalised text embeddings of an open_clip CLIP, (len(prompts), D), float32 on the CPU."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = tokenizer(prompts[start:start + batch_size]).to(device)
+        out.append(F.normalize(encode_tokens(model, tokens).float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, embed_dim)
+
+
+def encode_tokens(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's encode_text, run only up to the batch's last end-of-text token.
+
+    A causal text tower pooled at the end-of-text token never looks past it, so the padding (most of the 77
+    positions for class-name prompts) changes nothing; skipping it makes the 80-template ensembles ~4x
+    cheaper. Towers that are not causal CLIP text towers pooled that way get open_clip's own call."""
+    mask = getattr(model, "attn_mask", None)
+    if (mask is None or getattr(model, "text_pool_type", None) != "argmax"
+            or not hasattr(model, "token_embedding") or tokens.shape[1] != mask.shape[0]):
+        return model.encode_text(tokens)
+    length = int(tokens.argmax(dim=-1).max().item()) + 1
+    cast_dtype = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens[:, :length]).to(cast_dtype)
+    x = x + model.positional_embedding[:length].to(cast_dtype)
+    x = model.transformer(x, attn_mask=mask[:length, :length])
+    x = model.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), tokens[:, :length].argmax(dim=-1)]
+    if isinstance(model.text_projection, torch.nn.Linear):
+        return model.text_projection(x)
+    return x @ model.text_projection
+
+
 class ClipDenseEncoder:
     """Wraps an open_clip CLIP model: text embeddings and dense image embeddings in the joint space."""
 
@@ -104,37 +137,9 @@ class ClipDenseEncoder:
         self.embed_dim = int(visual.proj.shape[1]) if visual.proj is not None else int(visual.transformer.width)
 
     # ---------------------------------------------------------------- text
-    @torch.inference_mode()
     def encode_text(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
         """L2-normalised text embeddings, (len(prompts), D), float32 on the CPU."""
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            tokens = self.tokenizer(prompts[start:start + batch_size]).to(self.device)
-            feats = self._encode_tokens(tokens).float()
-            out.append(F.normalize(feats, dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
-
-    def _encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """open_clip's encode_text, run only up to the batch's last end-of-text token.
-
-        A causal text tower pooled at the end-of-text token never looks past it, so the padding (most of the 77
-        positions for class-name prompts) changes nothing; skipping it makes the 80-template ensembles ~4x
-        cheaper. Towers that are not causal CLIP text towers pooled that way get open_clip's own call."""
-        model = self.model
-        mask = getattr(model, "attn_mask", None)
-        if (mask is None or getattr(model, "text_pool_type", None) != "argmax"
-                or not hasattr(model, "token_embedding") or tokens.shape[1] != mask.shape[0]):
-            return model.encode_text(tokens)
-        length = int(tokens.argmax(dim=-1).max().item()) + 1
-        cast_dtype = model.transformer.get_cast_dtype()
-        x = model.token_embedding(tokens[:, :length]).to(cast_dtype)
-        x = x + model.positional_embedding[:length].to(cast_dtype)
-        x = model.transformer(x, attn_mask=mask[:length, :length])
-        x = model.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), tokens[:, :length].argmax(dim=-1)]
-        if isinstance(model.text_projection, torch.nn.Linear):
-            return model.text_projection(x)
-        return x @ model.text_projection
+        return encode_prompts(self.model, self.tokenizer, prompts, self.device, self.embed_dim, batch_size)
 
     # ---------------------------------------------------------------- image
     def normalise(self, images: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .clip_dense import encode_prompts
 from .dense import DenseConfig, DenseSegmenter, PreparedVocabulary, SegmentationResult, _Stopwatch, summarise
 from .modeling.sed import SedConfig, SedNetwork
 from .pamr import PamrAffinity
@@ -66,14 +67,10 @@ class SedEncoder:
         self.logit_scale = float(self.model.logit_scale.exp().clamp(max=100).item())
         self.embed_dim = int(self.model.text_projection.shape[-1])
 
-    @torch.inference_mode()
     def encode_text(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
-        """L2-normalised text embeddings (len(prompts), D), float32 on the CPU (open_clip's encode_text)."""
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            tokens = self.tokenizer(prompts[start:start + batch_size]).to(self.device)
-            out.append(F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.embed_dim)
+        """L2-normalised text embeddings (len(prompts), D), float32 on the CPU (open_clip's encode_text, run up
+        to the last end-of-text token)."""
+        return encode_prompts(self.model, self.tokenizer, prompts, self.device, self.embed_dim, batch_size)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) float in [0, 1] -> normalised as SED's CLIP expects."""

@@ -99,5 +99,7 @@ def test_model_manifest_cli_lists_and_verifies_without_network():
 
     manifest = yaml.safe_load((ROOT / "models" / "manifest.yaml").read_text())["models"]
     for name, entry in manifest.items():
-        assert len(entry["sha256"]) == 64 and entry["license"], name
+        # A checksum, except for files whose publisher gives none (SED's, on Google Drive): recorded on first fetch
+        unpublished = entry["sha256"] == "" and "drive.google.com" in entry.get("url", "")
+        assert (len(entry["sha256"]) == 64 or unpublished) and entry["license"], name
         assert entry.get("url", "").startswith("https://") or name.startswith("ovseg-demo"), name

@@ -28,7 +28,7 @@ setup(
     name=PACKAGE,
     version="0.1.0",
     packages=find_packages(exclude=["tests", "tests.*"]),
-    package_data={PACKAGE: ["model_configs/*.json", "model_configs/sed/*.json"]},
+    package_data={PACKAGE: ["model_configs/*.json", "model_configs/sed/*.json", "model_configs/ovsam/*.json"]},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),

@@ -4,7 +4,8 @@ Recipe (all that is needed to rebuild them bit for bit from a key -> shape listi
 dict, by sorted key, drawn from one `torch.Generator` seeded with `seed`. Vectors named ``weight`` (the norms'
 scales) 1 + 0.1 N(0, 1); ``gamma`` (layer scales) 0.5 + 0.1 N(0, 1); other vectors (biases) 0.02 N(0, 1);
 ``positional_embedding`` and ``token_embedding.weight`` 0.02 N(0, 1); ``text_projection`` N(0, 1 / rows);
-``logit_scale`` log(100); every other tensor N(0, 1 / prod(shape[1:])). The decoder's logits then stay within
+``logit_scale`` log(100); BatchNorm's ``running_var`` 1 + 0.1 |N(0, 1)| and ``num_batches_tracked`` 0 (no draw);
+every other tensor N(0, 1 / prod(shape[1:])). The decoder's logits then stay within
 a few units: a sigmoid and an argmax are well conditioned.
 
 Only torch is imported here: the dev-time script that runs SED's released code loads this file by path in a
@@ -22,8 +23,12 @@ DEFAULT_SEED = 2025
 
 
 def _draw(key: str, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
-    noise = torch.randn(shape, generator=generator)
     name = key.rsplit(".", 1)[-1]
+    if name == "num_batches_tracked":  # BatchNorm's counter: no draw
+        return torch.zeros(shape, dtype=torch.long)
+    noise = torch.randn(shape, generator=generator)
+    if name == "running_var":  # BatchNorm statistics (OV-SAM's ResNet; SED has none)
+        return 1.0 + 0.1 * noise.abs()
     if name == "logit_scale":
         return torch.full(shape, math.log(100.0))
     if key.endswith("positional_embedding") or key.endswith("token_embedding.weight"):

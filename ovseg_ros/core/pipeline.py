@@ -404,7 +404,7 @@ class SegmentationPipeline:
     def answer_prompts(self, request: PromptRequest) -> PromptOutcome:
         """Open-Vocabulary SAM on a cached camera frame or on the request's own image; PromptError if refused."""
         if not self.prompters:
-            raise PromptError("prompts are disabled: no sam_model")
+            raise PromptError("prompts are disabled: no sam_model (and prompt_model is sam)")
         camera = self.camera_named(request.camera)
         prepared, version = self._prepared, self._prepared.version
         if request.vocabulary:
@@ -652,9 +652,20 @@ def build_segmenter(settings: Settings) -> DenseSegmenter:
 
 
 def build_prompter(settings: Settings, segmenter: DenseSegmenter) -> PromptSegmenter | None:
-    """Open-Vocabulary SAM over the segmenter's CLIP, or None when sam_model is empty."""
-    from .registry import load_sam
+    """What answers prompts: OV-SAM (`prompt_model`), else SAM over the segmenter's CLIP, else None (sam_model
+    empty)."""
+    from .registry import load_ovsam, load_sam
 
+    if settings.prompt_model != "sam":
+        from .ovsam import OvSamPromptSegmenter
+
+        precision, reason = usable_precision(settings.precision, torch.device(settings.device))
+        if reason:
+            LOG.warning("OV-SAM precision %s: %s; running %s", settings.precision, reason, precision)
+        model = load_ovsam(settings.prompt_model, device=settings.device, backend=settings.backend,
+                           precision=precision, engine_cache_dir=settings.engine_cache_dir or None)
+        return OvSamPromptSegmenter(model, segmenter.encoder, cache_size=settings.frame_cache_size,
+                                    eager_sam=settings.eager_sam, top_k=settings.prompt_top_k)
     if not settings.sam_model:
         return None
     sam = load_sam(settings.sam_model, device=settings.device)
@@ -682,6 +693,13 @@ def build_pipeline(settings: Settings, cameras: list[str] | None = None, vocabul
     prompter = build_prompter(settings, segmenter)
     if prompter is None:
         log(logging.INFO, "sam_model is empty: segment_prompt is disabled")
+    elif settings.prompt_model != "sam":
+        model = prompter.model  # type: ignore[attr-defined]
+        log(logging.INFO, f"prompts: Open-Vocabulary SAM {settings.prompt_model} ({model.model_id}); its image "
+                          "pass runs on the first prompt of a frame")
+        if model.model_id.split("@")[1].startswith("random"):
+            log(logging.WARNING, f"OV-SAM '{settings.prompt_model}' runs with seeded random weights: its labels "
+                                 "mean nothing")
     pipeline = SegmentationPipeline(settings, segmenter, prompter, vocabulary or initial_vocabulary(settings, log),
                                     names)
     if warm_up:

@@ -203,6 +203,57 @@ def load_sed(name_or_path: str, device: str = "cpu", seed: int = 0):
         raise ModelError(f"cannot load SED '{name_or_path}' ({arch}) from {path}: {exc}") from exc
 
 
+# Open-Vocabulary SAM models a user names (`prompt_model`): each is an architecture whose released parts are
+# manifest entries (model_configs/ovsam/*.json `parts`). `ovseg-models fetch ovsam-coco` fetches all of them.
+OVSAM_MODELS = {"ovsam-coco": "ovsam-rn50x16-coco", "ovsam-lvis": "ovsam-rn50x16-lvis"}
+
+
+def ovsam_parts(name: str) -> list[str]:
+    """The manifest entries an OV-SAM model name needs (empty for any other name)."""
+    from .modeling.ovsam import get_ovsam_config
+
+    return list(get_ovsam_config(OVSAM_MODELS[name]).parts.values()) if name in OVSAM_MODELS else []
+
+
+def load_ovsam(name: str, device: str = "cpu", seed: int = 0, backend: str = "torch", precision: str = "fp32",
+               engine_cache_dir: str | None = None):
+    """An OvSamModel: 'ovsam-coco' / 'ovsam-lvis' from their released files (all verified; a missing one is
+    refused naming the fetch command), or an OV-SAM architecture with seeded random weights."""
+    from .modeling.ovsam import get_ovsam_config, ovsam_config_names
+    from .ovsam import build_ovsam_model
+
+    options = dict(device=device, backend=backend, precision=precision, engine_cache_dir=engine_cache_dir)
+    if name in OVSAM_MODELS:
+        arch = OVSAM_MODELS[name]
+        manifest = load_manifest()
+        paths, missing = {}, []
+        for part, entry_name in get_ovsam_config(arch).parts.items():
+            entry = manifest.get(entry_name)
+            if entry is None:
+                raise ModelError(f"OV-SAM '{name}' needs '{entry_name}', which the manifest lacks")
+            try:
+                paths[part] = locate(entry)
+            except ModelError:
+                missing.append(entry_name)
+                continue
+            verify_entry(paths[part], entry)
+        if missing:
+            raise ModelError(f"OV-SAM '{name}' needs {', '.join(missing)} (not installed). On a machine with "
+                             f"internet: ovseg-models fetch {name} (fetches every part; OV-SAM's own files are "
+                             "under the NTU S-Lab License 1.0, non-commercial use only)")
+        model_id = f"{arch}@{sha256_of(paths['clip2sam'])[:12]}"
+        try:
+            return build_ovsam_model(arch, {k: str(v) for k, v in paths.items()}, model_id=model_id,
+                                     trusted=True, **options)
+        except Exception as exc:  # a wrong or truncated file surfaces here
+            raise ModelError(f"cannot load OV-SAM '{name}': {exc}") from exc
+    if name in ovsam_config_names():
+        LOG.warning("OV-SAM '%s' has no weights: seeded random init (seed %d); its labels mean nothing", name, seed)
+        return build_ovsam_model(name, seed=seed, **options)
+    raise ModelError(f"unknown prompt model '{name}'; choose sam, {', '.join(OVSAM_MODELS)} or an architecture "
+                     f"with random weights ({', '.join(ovsam_config_names())})")
+
+
 SAM_ARCHS = ("demo", "vit_b", "vit_l", "vit_h", "vit_t")
 
 
@@ -295,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="manifest entries and whether each is installed")
     verify_cmd = sub.add_parser("verify", help="check the sha256 of installed models")
     verify_cmd.add_argument("names", nargs="*")
-    fetch_cmd = sub.add_parser("fetch", help="download and verify (needs internet)")
-    fetch_cmd.add_argument("name")
+    fetch_cmd = sub.add_parser("fetch", help="download and verify (needs internet); an OV-SAM model name "
+                               "(ovsam-coco, ovsam-lvis) fetches all its parts")
+    fetch_cmd.add_argument("names", nargs="+")
     fetch_cmd.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -320,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"FAILED   {name}: {exc}")
             return 1 if failed else 0
         else:
-            print(fetch(args.name, args.force))
+            for name in args.names:
+                for part in ovsam_parts(name) or [name]:
+                    print(fetch(part, args.force))
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

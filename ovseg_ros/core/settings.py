@@ -70,6 +70,11 @@ SPECS: tuple[ParamSpec, ...] = (
     ParamSpec("sam_model", "ovseg-demo-sam",
               "SAM for prompts: a manifest name or ARCH:/path (demo, vit_b, vit_l, vit_h, vit_t); empty disables",
               read_only=True),
+    ParamSpec("prompt_model", "sam", "who answers segment_prompt: sam (sam_model's masks, labelled by pooling the "
+              "frame's dense CLIP features: training-free) or Open-Vocabulary SAM, mask and label from one RN50x16 "
+              "pass: ovsam-coco, ovsam-lvis (the released checkpoints; NTU S-Lab License, non-commercial), or an "
+              "OV-SAM architecture with seeded random weights (ovsam-rn50x16-coco, ovsam-rn50x16-lvis, "
+              "ovsam-test-tiny)", read_only=True),
     ParamSpec("device", "cpu", "torch device: cpu, cuda, cuda:N", read_only=True),
     ParamSpec("precision", "fp32", "model precision", read_only=True, choices=("fp32", "bf16", "fp16"),
               dense_field="precision"),
@@ -252,9 +257,10 @@ def replace_settings(settings: Settings, changes: Mapping[str, object]) -> Setti
 def check_consistent(settings: Settings) -> DenseConfig:
     """Rules across settings (ValueError with the reason); returns the dense configuration they describe."""
     config = dense_config(dataclasses.asdict(settings))
-    if config.refinement == "sam" and not settings.sam_model:
+    prompts = bool(settings.sam_model) or settings.prompt_model != "sam"
+    if config.refinement == "sam" and not prompts:
         raise ValueError("refinement 'sam' refines the dense labels with SAM and needs sam_model (it is empty)")
-    if settings.track_objects and settings.track_source == "everything" and not settings.sam_model:
+    if settings.track_objects and settings.track_source == "everything" and not prompts:
         raise ValueError("track_source 'everything' tracks SAM's masks and needs sam_model (it is empty)")
     if settings.dense_model:
         from .sed import check_sed_config

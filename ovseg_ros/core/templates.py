@@ -97,8 +97,28 @@ IMAGENET80: tuple[str, ...] = (
     "a tattoo of the {}.",
 )
 
+# ViLD's 14 detection templates (Gu et al., ICLR 2022), as Open-Vocabulary SAM's class-embedding generator uses
+# them (github.com/HarborYuan/ovsam ext/templates/vild.py, via FC-CLIP); three lack the final period there too.
+VILD14: tuple[str, ...] = (
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
+
 TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "imagenet80": IMAGENET80,
+    "vild14": VILD14,
     "default": DEFAULT_TEMPLATES,
 }
 

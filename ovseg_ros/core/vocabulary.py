@@ -80,10 +80,35 @@ def split_synonyms(label: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in label.split(SYNONYM_SEPARATOR) if part.strip())
 
 
+LABEL_SET_PREFIX = "@"  # a label "@coco" stands for a released class list (LABEL_SETS)
+LABEL_SETS = ("coco", "lvis")  # OV-SAM's COCO names with synonyms (80) and LVIS v1's (1203)
+
+
+def expand_label_sets(labels: list[str] | tuple[str, ...]) -> list[str]:
+    """Replace every "@NAME" entry by the released class list NAME (model_configs/ovsam/classes-NAME.json)."""
+    out: list[str] = []
+    for label in labels:
+        name = label.strip()[len(LABEL_SET_PREFIX):] if isinstance(label, str) and \
+            label.strip().startswith(LABEL_SET_PREFIX) else None
+        if name is None:
+            out.append(label)
+            continue
+        if name not in LABEL_SETS:
+            raise VocabularyError(f"unknown class list '{label.strip()}'; known: "
+                                  + ", ".join(LABEL_SET_PREFIX + n for n in LABEL_SETS))
+        from .ovsam import label_set
+
+        out.extend(label_set(name)["labels"])
+    return out
+
+
 def validate_labels(labels: object, limits: VocabularyLimits = VocabularyLimits()) -> tuple[str, ...]:
-    """Return clean labels or raise VocabularyError saying exactly what is wrong."""
+    """Return clean labels or raise VocabularyError saying exactly what is wrong. "@coco" and "@lvis" expand to
+    the released class lists."""
     if isinstance(labels, str) or not isinstance(labels, (list, tuple)):
         raise VocabularyError(f"labels must be a list of strings, got {type(labels).__name__}")
+    if any(isinstance(label, str) and label.strip().startswith(LABEL_SET_PREFIX) for label in labels):
+        labels = expand_label_sets(labels)
     if len(labels) == 0:
         raise VocabularyError("the vocabulary is empty: give at least one class name")
     if len(labels) > 1 and all(isinstance(lbl, str) and len(lbl) == 1 for lbl in labels):

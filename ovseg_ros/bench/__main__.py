@@ -1,4 +1,4 @@
-"""`ovseg-bench accuracy|speed|prompt|soak|tracking|services|demo-runs|precision|sed ...`: the project's
+"""`ovseg-bench accuracy|speed|prompt|soak|tracking|services|demo-runs|precision|sed|ovsam ...`: the project's
 benchmarks (each prints a table; --json writes one)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import sys
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("accuracy", "speed", "prompt", "soak", "tracking", "services", "demo-runs", "precision", "sed")
+    commands = ("accuracy", "speed", "prompt", "soak", "tracking", "services", "demo-runs", "precision", "sed", "ovsam")
     if not argv or argv[0] not in commands:
         print(f"usage: ovseg-bench {{{'|'.join(commands)}}} [options]  (--help after the command for options)")
         return 2
@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         from .precision import main as run
     elif command == "sed":
         from .sed_speed import main as run
+    elif command == "ovsam":
+        from .ovsam_speed import main as run
     else:
         from .soak import main as run
     return run(rest)

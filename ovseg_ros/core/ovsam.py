@@ -42,8 +42,10 @@ from .dense import PreparedVocabulary
 from .modeling.ovsam import CONFIG_DIR, OvSamConfig, OvSamNetwork, ensemble_logits, mask_boxes
 from .prompt import CachedFrame, Prompt, PromptAnswer, PromptSegmenter, validate_prompts
 from .templates import VILD14
+from .text_cache import TextEmbeddingCache
 
 MASK_CHUNK = 16  # prompts whose full-size masks are upsampled at once (16 x 1024 x 1024 floats: 64 MB)
+PROMPT_CHUNK = 32  # prompts decoded at once (the decoder holds (N, 4096, 256) keys per layer: 128 MB at 32)
 
 
 @cache
@@ -120,7 +122,8 @@ class OvSamModel:
     """OV-SAM's network with its text side and pre-processing; thread-safe (no per-call state)."""
 
     def __init__(self, network: OvSamNetwork, tokenizer, model_id: str, device: str = "cpu",
-                 backend: str = "torch", precision: str = "fp32", engine_cache_dir: str | None = None) -> None:
+                 backend: str = "torch", precision: str = "fp32", engine_cache_dir: str | None = None,
+                 text_cache_dir: str | None = None) -> None:
         self.network = network.eval().to(device)
         self.config: OvSamConfig = network.cfg
         self.tokenizer = tokenizer
@@ -138,6 +141,9 @@ class OvSamModel:
         self._classes: collections.OrderedDict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = \
             collections.OrderedDict()
         self._lock = threading.Lock()
+        # One embedding per synonym and template set, in memory and (with text_cache_dir) on disk: LVIS's 1203
+        # classes are ~1200 names x 14 templates, minutes on a CPU, paid once.
+        self.text_cache = TextEmbeddingCache(self.encode_text, model_id, text_cache_dir)
 
     # ------------------------------------------------------------------ text
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
@@ -156,9 +162,7 @@ class OvSamModel:
                 return self._classes[labels]
         names = [released_synonyms(label) for label in labels]
         flat = [name for synonyms in names for name in synonyms]
-        prompts = [template.format(name) for name in flat for template in VILD14]
-        text = self.encode_text(prompts).view(len(flat), len(VILD14), -1)
-        per_name = F.normalize(F.normalize(text, dim=-1).mean(dim=1), dim=-1)
+        per_name = self.text_cache.embed(tuple(flat), VILD14)  # normalised template mean, renormalised
         width = max(len(s) for s in names)
         rows, start = [], 0
         for synonyms in names:
@@ -268,16 +272,8 @@ class OvSamPromptSegmenter(PromptSegmenter):
 
     def __init__(self, model: OvSamModel, encoder, cache_size: int = 4, eager_sam: bool = False,
                  top_k: int = 3) -> None:
+        super().__init__(None, encoder, cache_size, eager_sam, top_k)
         self.model = model
-        self.sam = None
-        self.predictor = None
-        self.encoder = encoder
-        self.cache_size = max(1, cache_size)
-        self.eager_sam = eager_sam
-        self.top_k = top_k
-        self._frames: collections.OrderedDict[tuple[int, int], CachedFrame] = collections.OrderedDict()
-        self._lock = threading.RLock()
-        self.timings_ms: dict[str, float] = {}
 
     def for_another_camera(self) -> OvSamPromptSegmenter:
         return OvSamPromptSegmenter(self.model, self.encoder, self.cache_size, self.eager_sam, self.top_k)
@@ -310,7 +306,9 @@ class OvSamPromptSegmenter(PromptSegmenter):
         for index, prompt in enumerate(prompts):
             groups[(prompt.box is not None, len(prompt.points))].append(index)
         sx, sy = features.scale
-        for (has_box, n_points), members in groups.items():
+        chunks = [(shape, members[i:i + PROMPT_CHUNK]) for shape, members in groups.items()
+                  for i in range(0, len(members), PROMPT_CHUNK)]
+        for (has_box, n_points), members in chunks:
             points = point_labels = boxes = None
             if n_points:
                 raw = np.stack([prompts[i].points for i in members]).astype(np.float32) * np.float32([sx, sy])
@@ -339,7 +337,8 @@ class OvSamPromptSegmenter(PromptSegmenter):
 
 def build_ovsam_model(arch: str, parts: dict[str, str] | None = None, device: str = "cpu", seed: int = 0,
                       backend: str = "torch", precision: str = "fp32", engine_cache_dir: str | None = None,
-                      model_id: str | None = None, trusted: bool = False) -> OvSamModel:
+                      model_id: str | None = None, trusted: bool = False,
+                      text_cache_dir: str | None = None) -> OvSamModel:
     """The OV-SAM model of layout `arch`, with the released parts' files (part -> path) or, without them, the
     seeded random weights of ``ovseg_ros.bench.seeded_ovsam`` (outputs meaningless; tests and benchmarks)."""
     import open_clip
@@ -359,4 +358,4 @@ def build_ovsam_model(arch: str, parts: dict[str, str] | None = None, device: st
         model_id = model_id or f"{arch}@random{seed}"
     tokenizer = open_clip.get_tokenizer(cfg.clip_arch)
     return OvSamModel(network, tokenizer, model_id, device=device, backend=backend, precision=precision,
-                      engine_cache_dir=engine_cache_dir)
+                      engine_cache_dir=engine_cache_dir, text_cache_dir=text_cache_dir)

@@ -663,7 +663,8 @@ def build_prompter(settings: Settings, segmenter: DenseSegmenter) -> PromptSegme
         if reason:
             LOG.warning("OV-SAM precision %s: %s; running %s", settings.precision, reason, precision)
         model = load_ovsam(settings.prompt_model, device=settings.device, backend=settings.backend,
-                           precision=precision, engine_cache_dir=settings.engine_cache_dir or None)
+                           precision=precision, engine_cache_dir=settings.engine_cache_dir or None,
+                           text_cache_dir=settings.text_cache_dir or None)
         return OvSamPromptSegmenter(model, segmenter.encoder, cache_size=settings.frame_cache_size,
                                     eager_sam=settings.eager_sam, top_k=settings.prompt_top_k)
     if not settings.sam_model:

@@ -100,10 +100,11 @@ def validate_prompts(prompts: list[Prompt], height: int, width: int) -> None:
 class PromptSegmenter:
     """Answers prompts on recent frames; thread-safe (one lock around SAM's shared predictor state)."""
 
-    def __init__(self, sam: Sam, encoder: ClipDenseEncoder, cache_size: int = 4, eager_sam: bool = False,
+    def __init__(self, sam: Sam | None, encoder: ClipDenseEncoder, cache_size: int = 4, eager_sam: bool = False,
                  top_k: int = 3) -> None:
-        self.sam = sam.eval()
-        self.predictor = SamPredictor(self.sam)
+        """`sam` None: a subclass answers with a model of its own (OvSamPromptSegmenter)."""
+        self.sam = sam.eval() if sam is not None else None
+        self.predictor = SamPredictor(self.sam) if sam is not None else None
         self.encoder = encoder
         self.cache_size = max(1, cache_size)
         self.eager_sam = eager_sam

@@ -216,13 +216,14 @@ def ovsam_parts(name: str) -> list[str]:
 
 
 def load_ovsam(name: str, device: str = "cpu", seed: int = 0, backend: str = "torch", precision: str = "fp32",
-               engine_cache_dir: str | None = None):
+               engine_cache_dir: str | None = None, text_cache_dir: str | None = None):
     """An OvSamModel: 'ovsam-coco' / 'ovsam-lvis' from their released files (all verified; a missing one is
     refused naming the fetch command), or an OV-SAM architecture with seeded random weights."""
     from .modeling.ovsam import get_ovsam_config, ovsam_config_names
     from .ovsam import build_ovsam_model
 
-    options = dict(device=device, backend=backend, precision=precision, engine_cache_dir=engine_cache_dir)
+    options = dict(device=device, backend=backend, precision=precision, engine_cache_dir=engine_cache_dir,
+                   text_cache_dir=text_cache_dir)
     if name in OVSAM_MODELS:
         arch = OVSAM_MODELS[name]
         manifest = load_manifest()

@@ -1,6 +1,7 @@
 """OV-SAM's image pass (``OvSamTower``: RN50 stages, SAM2CLIP neck, FPN) through the other backends equals eager
 torch: ONNX Runtime (exported once, cached), torch.compile, and the torch.export program torch-tensorrt compiles
-on a robot (TensorRT itself cannot be installed here). Prompts then decode the same masks and labels."""
+on a robot (TensorRT itself cannot be installed here). Prompts then decode the same masks and labels. And
+`ovseg-bench ovsam` prints and writes its figures."""
 
 from __future__ import annotations
 
@@ -57,3 +58,20 @@ def test_the_tensorrt_program_is_the_eager_image_pass(reference):
     with torch.no_grad():
         outputs = program.module()(pixels)
     assert_outputs_close(outputs, expected)
+
+
+def test_the_ovsam_benchmark_prints_and_writes_its_figures(tmp_path, capsys):
+    import json
+
+    from ovseg_ros.bench.ovsam_speed import main
+
+    out = tmp_path / "ovsam.json"
+    assert main(["--arch", "ovsam-test-tiny", "--precisions", "fp32", "--runs", "1", "--prompts", "2",
+                 "--classes", "3", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "image_pass_ms" in printed and "GFLOPs" in printed
+    figures = json.loads(out.read_text())
+    (row,) = figures["rows"]
+    assert row["image_pass_ms"] > 0 and row["box_ms_per_prompt"] > 0 and row["point_ms_per_prompt"] > 0
+    sizes = figures["sizes"]
+    assert sizes["ovsam_image_pass"]["gflops"] > 100 and sizes["sam_vit_h_image_encoder"]["parameters_m"] > 600

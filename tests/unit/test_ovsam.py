@@ -196,3 +196,22 @@ def test_registry_refuses_missing_parts_naming_the_fetch(monkeypatch, tmp_path):
             load_ovsam(name)
     with pytest.raises(ModelError, match="unknown prompt model 'ovsam-base'"):
         load_ovsam("ovsam-base")
+
+
+def test_class_embeddings_are_the_template_mean_and_are_cached_on_disk(tiny, tmp_path):
+    from ovseg_ros.core.templates import VILD14
+    from ovseg_ros.core.text_cache import TextEmbeddingCache
+
+    tiny.text_cache = TextEmbeddingCache(tiny.encode_text, tiny.model_id, tmp_path)
+    labels = ("chair;seat", "door")
+    prototypes, _ = tiny.class_embeddings(labels)
+    assert tiny.text_cache.computed == 3  # one embedding per synonym
+    for k, name in ((0, "chair"), (0, "seat"), (1, "door")):
+        text = tiny.encode_text([template.format(name) for template in VILD14])
+        expected = torch.nn.functional.normalize(torch.nn.functional.normalize(text, dim=-1).mean(0), dim=0)
+        column = 1 if name == "seat" else 0
+        torch.testing.assert_close(prototypes[:, k, column], expected, atol=1e-6, rtol=0)
+    tiny.text_cache = TextEmbeddingCache(tiny.encode_text, tiny.model_id, tmp_path)  # a restarted node
+    again, _ = tiny.class_embeddings(("door", "chair;seat"))
+    assert tiny.text_cache.computed == 0
+    torch.testing.assert_close(again[:, 0, 0], prototypes[:, 1, 0])

@@ -40,12 +40,11 @@ import torch.nn.functional as F
 from .clip_dense import encode_prompts
 from .dense import PreparedVocabulary
 from .modeling.ovsam import CONFIG_DIR, OvSamConfig, OvSamNetwork, ensemble_logits, mask_boxes
-from .prompt import CachedFrame, Prompt, PromptAnswer, PromptSegmenter, validate_prompts
+from .prompt import CachedFrame, Prompt, PromptAnswer, PromptSegmenter, prompt_batches, validate_prompts
 from .templates import VILD14
 from .text_cache import TextEmbeddingCache
 
 MASK_CHUNK = 16  # prompts whose full-size masks are upsampled at once (16 x 1024 x 1024 floats: 64 MB)
-PROMPT_CHUNK = 32  # prompts decoded at once (the decoder holds (N, 4096, 256) keys per layer: 128 MB at 32)
 
 
 @cache
@@ -302,13 +301,8 @@ class OvSamPromptSegmenter(PromptSegmenter):
         masks = np.zeros((len(prompts), height, width), dtype=bool)
         confidence = np.zeros(len(prompts), dtype=np.float32)
         probabilities = torch.zeros(len(prompts), len(labels))
-        groups: dict[tuple[bool, int], list[int]] = collections.defaultdict(list)
-        for index, prompt in enumerate(prompts):
-            groups[(prompt.box is not None, len(prompt.points))].append(index)
         sx, sy = features.scale
-        chunks = [(shape, members[i:i + PROMPT_CHUNK]) for shape, members in groups.items()
-                  for i in range(0, len(members), PROMPT_CHUNK)]
-        for (has_box, n_points), members in chunks:
+        for (has_box, n_points), members in prompt_batches(prompts):
             points = point_labels = boxes = None
             if n_points:
                 raw = np.stack([prompts[i].points for i in members]).astype(np.float32) * np.float32([sx, sy])

@@ -26,6 +26,7 @@ from .geometry import PairedDepth
 from .instances import pooled_embeddings
 
 MAX_PROMPTS = 256
+PROMPT_CHUNK = 32  # prompts decoded at once: SAM's decoder copies the (256, 64, 64) embedding per prompt
 MAX_POINTS_PER_PROMPT = 64
 
 
@@ -95,6 +96,16 @@ def validate_prompts(prompts: list[Prompt], height: int, width: int) -> None:
             if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
                 raise PromptError(f"prompt {index}: box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) leaves the "
                                   f"{width}x{height} image")
+
+
+def prompt_batches(prompts: list[Prompt]) -> list[tuple[tuple[bool, int], list[int]]]:
+    """Prompts that decode together: those of one shape (has a box, number of points), `PROMPT_CHUNK` at a time.
+    Returns ((has_box, n_points), prompt indices) per batch; usually one."""
+    groups: dict[tuple[bool, int], list[int]] = collections.defaultdict(list)
+    for index, prompt in enumerate(prompts):
+        groups[(prompt.box is not None, len(prompt.points))].append(index)
+    return [(shape, members[i:i + PROMPT_CHUNK]) for shape, members in groups.items()
+            for i in range(0, len(members), PROMPT_CHUNK)]
 
 
 class PromptSegmenter:
@@ -171,11 +182,7 @@ class PromptSegmenter:
         start = time.perf_counter()
         masks = np.zeros((len(prompts), height, width), dtype=bool)
         scores = np.zeros(len(prompts), dtype=np.float32)
-        # Prompts batch together when they share a shape: (has box, number of points). Usually one batch.
-        groups: dict[tuple[bool, int], list[int]] = collections.defaultdict(list)
-        for index, prompt in enumerate(prompts):
-            groups[(prompt.box is not None, len(prompt.points))].append(index)
-        for (has_box, n_points), members in groups.items():
+        for (has_box, n_points), members in prompt_batches(prompts):
             group_masks, group_scores = self._decode(frame, prompts, members, has_box, n_points, multimask)
             masks[members] = group_masks
             scores[members] = group_scores

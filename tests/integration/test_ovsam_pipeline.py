@@ -12,7 +12,7 @@ from ovseg_ros.core import ovsam
 from ovseg_ros.core.geometry import Intrinsics, PairedDepth
 from ovseg_ros.core.ovsam import OvSamPromptSegmenter
 from ovseg_ros.core.pipeline import FrameInput, PromptRequest, build_pipeline
-from ovseg_ros.core.prompt import Prompt
+from ovseg_ros.core.prompt import PROMPT_CHUNK, Prompt
 from ovseg_ros.core.settings import make_settings
 from ovseg_ros.synth.world import generate_scene
 
@@ -50,7 +50,7 @@ def test_ovsam_answers_prompts_refines_and_segments_everything_in_one_image_pass
 
     many = [Prompt(box=np.array([x, 5, x + 30, 60], np.float32)) for x in range(0, 90, 2)]  # 45: two chunks
     _, together = prompter.query((1, 0), many, pipeline.prepared)
-    for index in (0, ovsam.PROMPT_CHUNK - 1, ovsam.PROMPT_CHUNK, len(many) - 1):
+    for index in (0, PROMPT_CHUNK - 1, PROMPT_CHUNK, len(many) - 1):
         _, (alone,) = prompter.query((1, 0), [many[index]], pipeline.prepared)
         assert np.array_equal(alone.mask, together[index].mask) and alone.labels == together[index].labels
         assert alone.label_scores == pytest.approx(together[index].label_scores, abs=1e-5)

@@ -305,3 +305,18 @@ def test_background_classes_are_never_tracked_objects():
         labels[background] = [view.label for view in output.objects]
     assert labels[""] and set(labels[""]) <= set(STUFF)  # by size alone, patches of sand and wall are objects
     assert labels[",".join(STUFF)] == []
+
+
+def test_prompts_beyond_one_decoder_chunk_answer_what_they_answer_alone(pipeline):
+    from ovseg_ros.core.prompt import PROMPT_CHUNK
+
+    image = scene(6)
+    pipeline.process_batch([FrameInput("front", image, (8, 0), "camera")])
+    prompter = pipeline.prompters["front"]
+    many = [Prompt(box=np.array([x, 10, x + 40, 80], np.float32)) for x in range(0, 80, 2)]  # 40: two chunks
+    assert len(many) > PROMPT_CHUNK
+    _, together = prompter.query((8, 0), many, pipeline.prepared)
+    for index in (0, PROMPT_CHUNK - 1, PROMPT_CHUNK, len(many) - 1):
+        _, (alone,) = prompter.query((8, 0), [many[index]], pipeline.prepared)
+        assert np.array_equal(alone.mask, together[index].mask) and alone.labels == together[index].labels
+        assert alone.mask_score == pytest.approx(together[index].mask_score, abs=1e-5)

@@ -277,6 +277,11 @@ class OvSamPromptSegmenter(PromptSegmenter):
     def for_another_camera(self) -> OvSamPromptSegmenter:
         return OvSamPromptSegmenter(self.model, self.encoder, self.cache_size, self.eager_sam, self.top_k)
 
+    def prepare_vocabulary(self, vocabulary) -> None:
+        """OV-SAM's class embeddings (its own RN50x16 text tower, 14 templates per synonym) are computed with the
+        vocabulary change, so the first prompt after it does not pay for them. The camera caches share the model."""
+        self.model.class_embeddings(vocabulary.labels)
+
     def _ensure_sam(self, frame: CachedFrame) -> None:
         with self._lock:
             if frame.sam_features is not None:

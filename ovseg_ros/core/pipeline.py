@@ -199,6 +199,7 @@ class SegmentationPipeline:
             self.prompters[self.cameras[0]] = prompter
             for name in [*self.cameras[1:], REQUESTS]:
                 self.prompters[name] = prompter.for_another_camera()
+            prompter.prepare_vocabulary(self._prepared.vocabulary)
         self.trackers = {name: Tracker() for name in self.cameras}
         self._latest: dict[str, tuple[FrameKey, torch.Tensor, tuple[int, int]]] = {}  # camera -> newest frame's
         # key, dense features and size (examples given as boxes need them, with or without SAM's frame cache)
@@ -471,6 +472,8 @@ class SegmentationPipeline:
                     prepared = self.segmenter.prepare(vocabulary)
                 else:
                     vocabulary = base
+                if self.prompters:  # a prompt model with its own text side embeds the classes now, not on a prompt
+                    next(iter(self.prompters.values())).prepare_vocabulary(vocabulary)
             except (VocabularyError, PromptError) as exc:
                 return VocabularyChange(False, str(exc), current.version)
             except Exception as exc:  # text encoding failure must not take the node down

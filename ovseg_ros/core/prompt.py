@@ -129,6 +129,10 @@ class PromptSegmenter:
         one node serves several cameras with one copy of each model."""
         return PromptSegmenter(self.sam, self.encoder, self.cache_size, self.eager_sam, self.top_k)
 
+    def prepare_vocabulary(self, vocabulary) -> None:
+        """Called with each new vocabulary before it takes effect. SAM's answers are labelled from the dense
+        path's embeddings, which are ready by then: nothing to do."""
+
     # ------------------------------------------------------------------ frames
     def add_frame(self, key: tuple[int, int], image: np.ndarray, clip_dense: torch.Tensor, header: object = None,
                   depth: PairedDepth | None = None) -> CachedFrame:

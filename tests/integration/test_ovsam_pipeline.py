@@ -54,3 +54,21 @@ def test_ovsam_answers_prompts_refines_and_segments_everything_in_one_image_pass
         _, (alone,) = prompter.query((1, 0), [many[index]], pipeline.prepared)
         assert np.array_equal(alone.mask, together[index].mask) and alone.labels == together[index].labels
         assert alone.label_scores == pytest.approx(together[index].label_scores, abs=1e-5)
+
+
+def test_class_embeddings_are_ready_when_a_vocabulary_takes_effect():
+    settings = make_settings({"vocabulary": VOCABULARY, "prompt_model": "ovsam-test-tiny", "sam_model": "",
+                              "track_objects": False})
+    pipeline = build_pipeline(settings, cameras=["front", "rear"], warm_up=False)
+    model = pipeline.prompters["front"].model
+    assert pipeline.prompters["rear"].model is model  # one network for every camera
+    assert tuple(pipeline.vocabulary.labels) in model._classes  # the initial vocabulary, at start
+    change = pipeline.set_vocabulary(["mug;cup", "keyboard"], [])
+    assert change.success, change.message
+    computed = model.text_cache.computed
+    assert ("mug;cup", "keyboard") in model._classes and computed >= 3
+    image = generate_scene(7, size=(96, 128), split="eval").image
+    pipeline.process_batch([FrameInput("front", image, (2, 0), "header")])
+    outcome = pipeline.answer_prompts(PromptRequest([Prompt(box=np.array([5, 5, 70, 60], np.float32))],
+                                                    camera="front", key=(2, 0)))
+    assert outcome.answers[0].labels[0] in {"mug", "keyboard"} and model.text_cache.computed == computed

@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         fixture_images,
         input_prompts,
     )
+    from ovseg_ros.bench.report import git_short_head
     from ovseg_ros.bench.seeded_ovsam import DEFAULT_SEED, parts_digest, seeded_parts
     from ovseg_ros.core.ovsam import build_ovsam_model
 
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     meta.update({"seed": DEFAULT_SEED, "vocabulary": list(VOCABULARY), "low_res_stride": LOW_RES_STRIDE,
                  "embedding_stride": EMBEDDING_STRIDE,
                  "images": {n: hashlib.sha256(i.tobytes()).hexdigest()[:16] for n, i in images.items()},
-                 "released": "github.com/HarborYuan/ovsam " + _git_head(Path(args.ovsam)),
+                 "released": "github.com/HarborYuan/ovsam " + git_short_head(args.ovsam, "(archive of 137d2c2)"),
                  "command": "dev/ovsam_side_by_side.py --ovsam OVSAM --site SITE"})
     for case, arch, model_name, neck_width, roi_size, names in CASES:
         if case not in args.cases:
@@ -355,14 +356,6 @@ def main(argv: list[str] | None = None) -> int:
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     np.savez_compressed(arrays_path, **arrays)
     return 0
-
-
-def _git_head(path: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "(archive of 137d2c2)"
 
 
 if __name__ == "__main__":

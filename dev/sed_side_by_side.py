@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
+    from ovseg_ros.bench.report import git_short_head
     from ovseg_ros.bench.sed_fixtures import exactness_inputs, fixture_arrays
     from ovseg_ros.core.clip_builders import build_clip
     from ovseg_ros.core.modeling.sed import build_sed, get_sed_config
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     meta.update({"seed": recipe.DEFAULT_SEED, "kept_classes": KEPT_CLASSES, "tie_margin": TIE_MARGIN,
                  "logit_stride": LOGIT_STRIDE, "prob_stride": PROB_STRIDE,
                  "images": {name: hashlib.sha256(image.tobytes()).hexdigest()[:16] for name, image in images.items()},
-                 "released": "github.com/xb534/SED " + _git_head(Path(args.sed)),
+                 "released": "github.com/xb534/SED " + git_short_head(args.sed, "(archive of db20d93)"),
                  "command": "dev/sed_side_by_side.py --sed SED --site SITE"})
     for case, arch, fast, top_k, names, classes in CASES:
         if case not in args.cases:
@@ -345,14 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     np.savez_compressed(arrays_path, **arrays)
     return 0
-
-
-def _git_head(path: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "(archive of db20d93)"
 
 
 if __name__ == "__main__":

@@ -20,3 +20,15 @@ def write_json(path: str | None, data: dict) -> None:
     """--json FILE: the figures, indented, for scripts and CI (nothing written when no path is given)."""
     if path:
         Path(path).write_text(json.dumps(data, indent=1))
+
+
+def git_short_head(path: str | Path, fallback: str) -> str:
+    """The short commit of the checkout at `path` (what a side-by-side run compared against), else `fallback`
+    (for an unpacked archive, which has no .git)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return fallback

@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 
+from ..core.dense import precision_autocast
 from ..core.ovsam import OvSamTower, build_ovsam_model
 from ..core.pipeline import usable_precision
 from .report import write_json
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             times = []
             for _ in range(args.runs + 1):
                 start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                with precision_autocast("cpu", precision):
                     if kind == "box":
                         prediction = model.predict(features, labels, boxes=boxes * torch.tensor([sx, sy, sx, sy]))
                     else:

@@ -32,6 +32,13 @@ BELOW_THRESHOLD_LABELS = ("unlabelled", "first_class")
 LONG_SIDE_MAX = 2048  # mmseg's Resize scale (2048, short side) with keep_ratio: the long side never exceeds this
 
 
+def precision_autocast(device_type: str, precision: str):
+    """torch.autocast for a `precision` setting: off for fp32, bf16 or fp16 otherwise."""
+    if precision == "fp32":
+        return torch.autocast(device_type, enabled=False)
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 @dataclass(frozen=True)
 class DenseConfig:
     """How the dense pass runs; every field is a node parameter."""
@@ -341,11 +348,8 @@ class DenseSegmenter:
         return torch.cat([g for g, _ in outputs]), torch.cat([d for _, d in outputs])
 
     def _tower_chunk(self, run, chunk: torch.Tensor, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if autocast:  # exported backends (ONNX Runtime, TensorRT) take float32 and apply their own precision
-            dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-            with torch.autocast(self.encoder.device.type, dtype=dtype):
-                global_emb, dense = run(chunk)
-        else:
+        # exported backends (ONNX Runtime, TensorRT) take float32 and apply their own precision
+        with precision_autocast(self.encoder.device.type, self.config.precision if autocast else "fp32"):
             global_emb, dense = run(chunk)
         return global_emb.float(), dense.float()
 

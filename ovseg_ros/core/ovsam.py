@@ -26,11 +26,9 @@ vocabulary keeps every class, so that step is not applied.
 from __future__ import annotations
 
 import collections
-import json
 import threading
 import time
 from dataclasses import dataclass
-from functools import cache
 
 import cv2
 import numpy as np
@@ -38,29 +36,20 @@ import torch
 import torch.nn.functional as F
 
 from .clip_dense import encode_prompts
-from .dense import PreparedVocabulary
-from .modeling.ovsam import CONFIG_DIR, OvSamConfig, OvSamNetwork, ensemble_logits, mask_boxes
+from .dense import PreparedVocabulary, precision_autocast
+from .modeling.ovsam import OvSamConfig, OvSamNetwork, ensemble_logits, mask_boxes
 from .prompt import CachedFrame, Prompt, PromptAnswer, PromptSegmenter, prompt_batches, validate_prompts
 from .templates import VILD14
 from .text_cache import TextEmbeddingCache
+from .vocabulary import label_set, split_synonyms
 
 MASK_CHUNK = 16  # prompts whose full-size masks are upsampled at once (16 x 1024 x 1024 floats: 64 MB)
-
-
-@cache
-def label_set(name: str) -> dict:
-    """A released class list (``coco``: OV-SAM's COCO names with synonyms; ``lvis``: LVIS v1's 1203), as our
-    labels ('a;b' synonyms) with its base (training) and novel ids."""
-    path = CONFIG_DIR / f"classes-{name}.json"
-    if not path.is_file():
-        raise ValueError(f"unknown label set '{name}'")
-    return json.loads(path.read_text())
 
 
 def released_synonyms(label: str) -> list[str]:
     """A vocabulary label -> the names OV-SAM's class-embedding generator embeds (lower case, as its
     ``split_label``)."""
-    return [name.strip().lower() for name in label.split(";") if name.strip()]
+    return [name.lower() for name in split_synonyms(label)]
 
 
 def resize_for_ovsam(image: np.ndarray, size: int = 1024) -> tuple[np.ndarray, tuple[float, float]]:
@@ -203,19 +192,10 @@ class OvSamModel:
     @torch.inference_mode()
     def image_features(self, image_rgb: np.ndarray) -> OvSamFeatures:
         pixels, input_size, scale = self.preprocess(image_rgb)
-        with self._autocast():
+        with precision_autocast(self.device.type, self.precision):
             outputs = self.runner()(pixels)
         embedding, *fpn, last = (t.float() for t in outputs)
         return OvSamFeatures(embedding, tuple(fpn), last, input_size, scale)
-
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        if self.precision == "fp16":
-            return torch.autocast(self.device.type, dtype=torch.float16)
-        import contextlib
-
-        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ prompts
     @torch.inference_mode()
@@ -288,7 +268,6 @@ class OvSamPromptSegmenter(PromptSegmenter):
                 return
             start = time.perf_counter()
             frame.sam_features = self.model.image_features(frame.image)
-            frame.sam_input_size = frame.sam_features.input_size
             self.timings_ms["ovsam_image_pass"] = (time.perf_counter() - start) * 1000
 
     @torch.inference_mode()
@@ -322,16 +301,7 @@ class OvSamPromptSegmenter(PromptSegmenter):
             masks[members], confidence[members] = group_masks, group_confidence
             probabilities[members] = prediction.probabilities.float().cpu()
         self.timings_ms["decode"] = (time.perf_counter() - start) * 1000
-        names = prepared.vocabulary.display_names
-        k = min(self.top_k, len(names))
-        top_scores, top_ids = probabilities.topk(k, dim=-1)
-        answers = []
-        for i in range(len(prompts)):
-            ids = [int(j) for j in top_ids[i]]
-            answers.append(PromptAnswer(mask=masks[i], mask_score=float(confidence[i]),
-                                        labels=[names[j] for j in ids], label_ids=ids,
-                                        label_scores=[float(s) for s in top_scores[i]]))
-        return frame, answers
+        return frame, self._answers(masks, confidence, probabilities, prepared)
 
 
 def build_ovsam_model(arch: str, parts: dict[str, str] | None = None, device: str = "cpu", seed: int = 0,

@@ -195,16 +195,23 @@ class PromptSegmenter:
         probabilities = self.classify_masks(frame, masks, prepared)
         if crop_fusion:
             probabilities = torch.sqrt(probabilities * self.classify_crops(frame.image, masks, prepared))
-        answers = []
-        names = prepared.vocabulary.display_names
-        k = min(self.top_k, len(names))
-        top_scores, top_ids = probabilities.topk(k, dim=-1)
-        for i in range(len(prompts)):
-            ids = [int(j) for j in top_ids[i]]
-            answers.append(PromptAnswer(mask=masks[i], mask_score=float(scores[i]), labels=[names[j] for j in ids],
-                                        label_ids=ids, label_scores=[float(s) for s in top_scores[i]]))
+        answers = self._answers(masks, scores, probabilities, prepared)
         self.timings_ms.update(decode=decode_ms, recognise=(time.perf_counter() - label_start) * 1000)
         return frame, answers
+
+    def _answers(self, masks: np.ndarray, mask_scores: np.ndarray, probabilities: torch.Tensor,
+                 prepared: PreparedVocabulary) -> list[PromptAnswer]:
+        """(P, H, W) masks, (P,) mask scores and (P, C) class probabilities -> one answer per prompt with its
+        top-k labels."""
+        names = prepared.vocabulary.display_names
+        top_scores, top_ids = probabilities.topk(min(self.top_k, len(names)), dim=-1)
+        answers = []
+        for i in range(len(masks)):
+            ids = [int(j) for j in top_ids[i]]
+            answers.append(PromptAnswer(mask=masks[i], mask_score=float(mask_scores[i]),
+                                        labels=[names[j] for j in ids], label_ids=ids,
+                                        label_scores=[float(s) for s in top_scores[i]]))
+        return answers
 
     def _decode(self, frame: CachedFrame, prompts: list[Prompt], members: list[int], has_box: bool, n_points: int,
                 multimask: bool) -> tuple[np.ndarray, np.ndarray]:

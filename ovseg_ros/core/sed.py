@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .clip_dense import encode_prompts
-from .dense import DenseConfig, DenseSegmenter, PreparedVocabulary, SegmentationResult, _Stopwatch, summarise
+from .dense import (
+    DenseConfig,
+    DenseSegmenter,
+    PreparedVocabulary,
+    SegmentationResult,
+    _Stopwatch,
+    precision_autocast,
+    summarise,
+)
 from .modeling.sed import SedConfig, SedNetwork
 from .pamr import PamrAffinity
 from .text_cache import TextEmbeddingCache
@@ -181,10 +189,7 @@ class SedSegmenter(DenseSegmenter):
         return F.interpolate(tensor, size=(side, side), mode="bilinear", align_corners=False), resized.shape[:2]
 
     def _autocast(self):
-        if self.config.precision == "fp32":
-            return torch.autocast(self.encoder.device.type, enabled=False)
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(self.encoder.device.type, dtype=dtype)
+        return precision_autocast(self.encoder.device.type, self.config.precision)
 
     @torch.inference_mode()
     def frame_features(self, image_rgb: np.ndarray) -> torch.Tensor:

@@ -6,8 +6,11 @@ can never be mixed with another (the node swaps one reference atomically).
 
 from __future__ import annotations
 
+import json
 import string
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 
 from .templates import DEFAULT_TEMPLATES, TEMPLATE_SETS, expand_template_sets
 
@@ -82,22 +85,30 @@ def split_synonyms(label: str) -> tuple[str, ...]:
 
 LABEL_SET_PREFIX = "@"  # a label "@coco" stands for a released class list (LABEL_SETS)
 LABEL_SETS = ("coco", "lvis")  # OV-SAM's COCO names with synonyms (80) and LVIS v1's (1203)
+LABEL_SET_DIR = Path(__file__).resolve().parents[1] / "model_configs" / "ovsam"
 
 
-def expand_label_sets(labels: list[str] | tuple[str, ...]) -> list[str]:
+@cache
+def label_set(name: str) -> dict:
+    """A released class list (``coco``: OV-SAM's COCO names with synonyms; ``lvis``: LVIS v1's 1203), as our
+    labels ('a;b' synonyms) with its base (training) and novel ids."""
+    path = LABEL_SET_DIR / f"classes-{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown label set '{name}'")
+    return json.loads(path.read_text())
+
+
+def expand_label_sets(labels: list | tuple) -> list:
     """Replace every "@NAME" entry by the released class list NAME (model_configs/ovsam/classes-NAME.json)."""
-    out: list[str] = []
+    out = []
     for label in labels:
-        name = label.strip()[len(LABEL_SET_PREFIX):] if isinstance(label, str) and \
-            label.strip().startswith(LABEL_SET_PREFIX) else None
-        if name is None:
+        if not (isinstance(label, str) and label.strip().startswith(LABEL_SET_PREFIX)):
             out.append(label)
             continue
+        name = label.strip()[len(LABEL_SET_PREFIX):]
         if name not in LABEL_SETS:
             raise VocabularyError(f"unknown class list '{label.strip()}'; known: "
                                   + ", ".join(LABEL_SET_PREFIX + n for n in LABEL_SETS))
-        from .ovsam import label_set
-
         out.extend(label_set(name)["labels"])
     return out
 
@@ -107,8 +118,7 @@ def validate_labels(labels: object, limits: VocabularyLimits = VocabularyLimits(
     the released class lists."""
     if isinstance(labels, str) or not isinstance(labels, (list, tuple)):
         raise VocabularyError(f"labels must be a list of strings, got {type(labels).__name__}")
-    if any(isinstance(label, str) and label.strip().startswith(LABEL_SET_PREFIX) for label in labels):
-        labels = expand_label_sets(labels)
+    labels = expand_label_sets(labels)
     if len(labels) == 0:
         raise VocabularyError("the vocabulary is empty: give at least one class name")
     if len(labels) > 1 and all(isinstance(lbl, str) and len(lbl) == 1 for lbl in labels):
